@@ -1,0 +1,1 @@
+"""farmer_jax: FARMER (Flow AutoRegressive Transformer over Pixels) in JAX."""

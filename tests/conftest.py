@@ -1,0 +1,9 @@
+"""pytest setup: 8 fake CPU devices before JAX is imported anywhere."""
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# TensorFlow (pulled in by clu / tfds) must not grab threads or print noise.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
