@@ -1,0 +1,114 @@
+"""Every Orbax call lives here: train state + Grain iterator, async, resumable.
+
+A checkpoint step holds three items:
+  * `state`: the TrainState (params, optimizer, EMA, step, RNG), sharded;
+  * `data_iter`: the Grain iterator state (one JSON file per process);
+  * `config`: the model config as JSON, checked on restore so a workdir
+    written by another architecture fails with a message naming the
+    difference instead of a shape error (and the checkpoint is untouched).
+Orbax writes each step to a temporary directory and renames it when
+complete, so a crash mid-save never leaves a step that `latest_step` sees.
+"""
+import json
+import os
+
+from absl import logging
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointMismatchError(ValueError):
+  """The workdir's checkpoint was written by a different model config."""
+
+
+def _model_dict(config) -> dict:
+  return json.loads(json.dumps(config.model.to_dict()))
+
+
+class Checkpointer:
+  """Saves/restores the train state and data iterator under `workdir`."""
+
+  def __init__(self, workdir: str, config):
+    self._config = config
+    self._manager = ocp.CheckpointManager(
+        os.path.join(workdir, "checkpoints"),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=config.keep_ckpts,
+            enable_async_checkpointing=True,
+            create=True,
+        ),
+    )
+
+  def latest_step(self):
+    return self._manager.latest_step()
+
+  def should_save(self, step: int, last_step: int) -> bool:
+    """Every `ckpt_every` steps, at the end, and when preemption is signalled."""
+    return (step % self._config.ckpt_every == 0 or step == last_step
+            or self._manager.reached_preemption(step))
+
+  def reached_preemption(self, step: int) -> bool:
+    return self._manager.reached_preemption(step)
+
+  def save(self, step: int, state, data_iter) -> None:
+    """Starts an async save of `state` and the iterator at `step`."""
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data_iter=grain.checkpoint.CheckpointSave(data_iter),
+        config=ocp.args.JsonSave(_model_dict(self._config)),
+    ), force=True)
+
+  def check_config(self, step: int) -> None:
+    """Raises CheckpointMismatchError if the saved model config differs."""
+    saved = self._manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"]
+    current = _model_dict(self._config)
+    diffs = [f"model.{k}: checkpoint has {saved.get(k)!r}, config has "
+             f"{current.get(k)!r}"
+             for k in sorted(set(saved) | set(current))
+             if saved.get(k) != current.get(k)]
+    if diffs:
+      raise CheckpointMismatchError(
+          f"The checkpoint at step {step} in {self._manager.directory} was "
+          "written by a different model config: " + "; ".join(diffs) +
+          ". Use a new --workdir, or set these config values back.")
+
+  def restore(self, step: int, abstract_state, data_iter):
+    """Restores onto `abstract_state` (ShapeDtypeStructs with shardings).
+
+    Returns:
+      `(state, data_iter)`, the iterator positioned where the save left it.
+    """
+    self.check_config(step)
+    logging.info("Restoring checkpoint step %d from %s", step,
+                 self._manager.directory)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data_iter=grain.checkpoint.CheckpointRestore(data_iter),
+    ))
+    return restored["state"], restored["data_iter"]
+
+  def restore_state(self, step, abstract_state):
+    """Only the train state (evaluation, sampling); latest step if None."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(
+          f"No checkpoint in {self._manager.directory}; train first.")
+    self.check_config(step)
+    return self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))["state"]
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def abstract_with_shardings(abstract_tree, shardings):
+  """ShapeDtypeStructs carrying the target shardings (the restore target)."""
+  return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract_tree, shardings)

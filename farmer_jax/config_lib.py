@@ -1,0 +1,458 @@
+"""Config helpers: argument parsing, start-up validation, derived values.
+
+* `parse_arg` turns a config's `arg` string ('res=64,size=B,runlocal') into
+  typed fields, so every `configs/*.py` reads its variants the same way.
+* `validate` checks a whole config against the device count before anything
+  is built; each `ConfigError` names the field and says how to fix it.
+* `resolve_mesh_shape` fills in the one -1 of `config.mesh_shape`.
+* `check_workdir` fails early when a local --workdir cannot be written.
+* `derived` computes the values that follow from the config (batch per host
+  and device, tokens, token dim) so the trainer logs them once.
+* `flatten` turns a config into flat scalars for hyperparameter logging.
+"""
+import math
+import os
+from typing import Any, Iterable, Optional, Sequence
+
+import ml_collections
+
+MESH_AXES = ("data", "fsdp", "tensor")
+PRIORS = ("farmer", "gaussian")
+DTYPES = ("float32", "bfloat16")
+NOISE_SCHEDULES = ("cosine", "constant", "uniform")
+SOURCES = ("mnist", "digits", "tfds", "folder")
+CHANNELS = (1, 3)  # what input_pipeline.fit_image can produce.
+# The embedded datasets have 10 digit classes and only 'train' / 'test';
+# 'folder' has the same two splits (see input_pipeline).
+_EMBEDDED_NUM_CLASSES = 10
+_FIXED_SPLITS = ("train", "test")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field and fix."""
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+# ------------------------------------------------------------ arg parsing ---
+
+
+def _parse_value(key: str, text: Optional[str], default: Any) -> Any:
+  """Converts `text` to the type of `default`; a bare key means True."""
+  if isinstance(default, bool):
+    if text is None or text.lower() in ("1", "true", "yes"):
+      return True
+    if text.lower() in ("0", "false", "no"):
+      return False
+    raise ValueError(f"arg {key}={text!r}: expected true or false.")
+  if text is None:
+    raise ValueError(f"arg {key!r} needs a value, e.g. {key}={default!r}.")
+  try:
+    return type(default)(text)
+  except ValueError as e:
+    raise ValueError(f"arg {key}={text!r}: expected a "
+                     f"{type(default).__name__}.") from e
+
+
+def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
+  """Parses a config arg 'a=1,b=x,flag' against typed defaults.
+
+  Args:
+    arg: comma-separated `key=value` or bare `key` (a bool set to True).
+    **defaults: every allowed key with its default; the default's type
+      (bool, int, float, str) is the type of the value.
+
+  Returns:
+    A ConfigDict with every key of `defaults`, updated from `arg`.
+
+  Raises:
+    ValueError: an unknown key or a value of the wrong type.
+  """
+  values = dict(defaults)
+  for item in filter(None, (s.strip() for s in arg.split(","))):
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f"Unknown config arg {key!r} in {arg!r}; known: "
+                       f"{', '.join(sorted(defaults))}.")
+    values[key] = _parse_value(key, text.strip() if sep else None,
+                               defaults[key])
+  return ml_collections.ConfigDict(values)
+
+
+# ------------------------------------------------------------------ mesh ---
+
+
+def resolve_mesh_shape(mesh_shape: Sequence[int],
+                       num_devices: int) -> tuple[int, int, int]:
+  """`(data, fsdp, tensor)` with its one -1 filled in from `num_devices`.
+
+  Args:
+    mesh_shape: three sizes, at most one of them -1.
+    num_devices: devices the mesh must cover exactly.
+
+  Raises:
+    ConfigError: wrong length, several -1, or sizes that do not multiply to
+      `num_devices`.
+  """
+  shape = tuple(int(s) for s in mesh_shape)
+  _require(len(shape) == len(MESH_AXES),
+           f"config.mesh_shape={shape} must have 3 entries, one per mesh axis "
+           f"{MESH_AXES}, e.g. (-1, 1, 1) for data parallelism.")
+  _require(shape.count(-1) <= 1 and all(s >= 1 or s == -1 for s in shape),
+           f"config.mesh_shape={shape}: sizes must be >= 1 with at most one "
+           "-1 (the axis that takes the remaining devices).")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    _require(num_devices % known == 0,
+             f"mesh {shape} needs a multiple of {known} devices but "
+             f"{num_devices} are available; change config.mesh_shape.")
+    shape = tuple(num_devices // known if s == -1 else s for s in shape)
+  _require(math.prod(shape) == num_devices,
+           f"mesh {shape} needs {math.prod(shape)} devices but {num_devices} "
+           "are available; change config.mesh_shape (one entry may be -1).")
+  return shape
+
+
+def _mesh_axes_of(config, logical: str) -> tuple[str, ...]:
+  """The mesh axes that `logical` maps to in config.logical_axis_rules."""
+  for name, target in config.logical_axis_rules:
+    if name == logical:
+      if target is None:
+        return ()
+      return (target,) if isinstance(target, str) else tuple(target)
+  return ()
+
+
+def _mesh_size(shape: tuple[int, ...], axes: Iterable[str]) -> int:
+  sizes = dict(zip(MESH_AXES, shape))
+  return math.prod(sizes[a] for a in axes)
+
+
+# ------------------------------------------------------------ validation ---
+
+# (field under config, lowest allowed value, why) for integer-like fields.
+_AT_LEAST = (
+    ("model.image_size", 1, "the image side in pixels"),
+    ("model.patch_size", 1, "the patch side in pixels"),
+    ("model.num_classes", 0, "0 means unconditional"),
+    ("model.af_blocks", 1, "the flow needs at least one block"),
+    ("model.af_layers_per_block", 1, "each flow block needs a transformer"),
+    ("model.af_heads", 1, "attention needs a head"),
+    ("model.ar_layers", 1, "the prior needs a transformer"),
+    ("model.ar_heads", 1, "attention needs a head"),
+    ("model.mlp_ratio", 1, "the MLP width is mlp_ratio * width"),
+    ("model.K_I", 1, "a mixture needs a component"),
+    ("model.K_R", 1, "a mixture needs a component"),
+    ("model.num_cond_tokens", 1,
+     "the first mixture is read from the last cond token"),
+    ("noise_min", 0, "a noise std"),
+    ("noise_max", 0, "a noise std"),
+    ("total_steps", 1, "training needs a step"),
+    ("warmup_steps", 0, "0 means no warm-up"),
+    ("weight_decay", 0, "0 means none"),
+    ("max_consecutive_nonfinite", 1, "1 stops at the first non-finite step"),
+    ("log_every", 1, "a period in steps"),
+    ("eval_every", 1, "a period in steps"),
+    ("ckpt_every", 1, "a period in steps"),
+    ("keep_ckpts", 1, "the latest checkpoint must be kept to resume"),
+    ("num_grid_images", 1, "the image grid needs an image"),
+    ("data.worker_count", 0, "0 reads in-process"),
+)
+_POSITIVE = ("lr", "grad_clip", "model.scale_clip", "model.head_init_std",
+             "model.scale_floor")
+# Fields in [0, 1): a probability that must leave some labels, decay rates.
+_UNIT_INTERVAL = ("model.label_drop", "ema_decay", "b1", "b2")
+_CHOICES = (
+    ("model.prior", PRIORS),
+    ("model.dtype", DTYPES),
+    ("model.channels", CHANNELS),
+    ("noise_schedule", NOISE_SCHEDULES),
+    ("data.source", SOURCES),
+)
+
+
+def _get(config, field: str):
+  for name in field.split("."):
+    config = config[name]
+  return config
+
+
+def _check_scalars(config) -> None:
+  """The table-driven range and choice checks above."""
+  for field, low, why in _AT_LEAST:
+    value = _get(config, field)
+    _require(value >= low, f"config.{field}={value!r} must be >= {low} "
+             f"({why}); set config.{field} to {low} or more.")
+  for field in _POSITIVE:
+    value = _get(config, field)
+    _require(value > 0, f"config.{field}={value!r} must be > 0; set "
+             f"config.{field} to a positive value.")
+  for field in _UNIT_INTERVAL:
+    value = _get(config, field)
+    _require(0 <= value < 1, f"config.{field}={value!r} must be in [0, 1); "
+             f"set config.{field} to e.g. 0.1 or 0.999.")
+  for field, choices in _CHOICES:
+    value = _get(config, field)
+    _require(value in choices, f"config.{field}={value!r} is not one of "
+             f"{choices}; set config.{field} to one of them.")
+
+
+def _divisors(n: int) -> list[int]:
+  return [k for k in range(1, n) if n % k == 0]
+
+
+def _check_model(model) -> None:
+  """Shapes that must fit together: patches, channel split, heads."""
+  _require(model.image_size % model.patch_size == 0,
+           f"config.model.patch_size={model.patch_size} does not divide "
+           f"config.model.image_size={model.image_size}; pick a divisor of "
+           f"{model.image_size} {tuple(_divisors(model.image_size))}.")
+  d = model.patch_size ** 2 * model.channels
+  _require(1 <= model.d_I <= d,
+           f"config.model.d_I={model.d_I} is outside [1, d] where d = "
+           f"patch_size**2 * channels = {d} is the token dim; set "
+           f"config.model.d_I in 1..{d} (the paper: 128 of 768).")
+  for part in ("af", "ar"):
+    width, heads = model[f"{part}_width"], model[f"{part}_heads"]
+    _require(width >= 1 and width % heads == 0,
+             f"config.model.{part}_width={width} is not divisible by "
+             f"config.model.{part}_heads={heads}; pick {part}_heads from "
+             f"{tuple(_divisors(width)) + (width,)} or change {part}_width.")
+
+
+def _check_noise(config) -> None:
+  _require(config.noise_min <= config.noise_max,
+           f"config.noise_min={config.noise_min} > config.noise_max="
+           f"{config.noise_max}; the schedule anneals noise_max -> noise_min, "
+           "so set noise_min <= noise_max (the paper: 0.1 -> 0.005).")
+
+
+def _check_schedule(config) -> None:
+  _require(config.warmup_steps < config.total_steps,
+           f"config.warmup_steps={config.warmup_steps} must be < "
+           f"config.total_steps={config.total_steps}; lower warmup_steps "
+           "or raise total_steps.")
+
+
+def _check_splits(data) -> None:
+  for field in ("train_split", "eval_split"):
+    split = data[field]
+    _require(bool(split), f"config.data.{field} is empty; name a split, "
+             "e.g. 'train' or 'test'.")
+    if data.source in ("mnist", "digits", "folder"):
+      _require(split in _FIXED_SPLITS,
+               f"config.data.{field}={split!r} does not exist for "
+               f"config.data.source={data.source!r}; use one of "
+               f"{_FIXED_SPLITS}.")
+
+
+def _check_data(config) -> None:
+  """The source has what it needs; embedded sets have 10 classes."""
+  data, model = config.data, config.model
+  if data.source == "tfds":
+    _require(bool(data.tfds_name), "config.data.source='tfds' needs "
+             "config.data.tfds_name, e.g. 'imagenet2012'.")
+  if data.source == "folder":
+    _require(bool(data.folder), "config.data.source='folder' needs "
+             "config.data.folder, a directory with one sub-folder per class.")
+  if data.source in ("mnist", "digits"):
+    # image_size and channels are free: the pipeline resizes and converts.
+    classes = _EMBEDDED_NUM_CLASSES
+    _require(model.num_classes in (0,) or model.num_classes >= classes,
+             f"config.model.num_classes={model.num_classes} but "
+             f"config.data.source={data.source!r} has {classes} classes; set "
+             f"config.model.num_classes={classes} (or 0: unconditional).")
+  _check_splits(data)
+
+
+def _check_rules(config) -> None:
+  """Rules are `(logical name, None | mesh axis | tuple of mesh axes)`."""
+  seen = set()
+  for rule in config.logical_axis_rules:
+    _require(len(rule) == 2, f"config.logical_axis_rules entry {rule!r} must "
+             "be a pair (logical axis, mesh axes).")
+    name, target = rule
+    _require(name not in seen, f"config.logical_axis_rules names {name!r} "
+             "twice; keep one entry (the first one would win).")
+    seen.add(name)
+    axes = () if target is None else (
+        (target,) if isinstance(target, str) else tuple(target))
+    bad = [a for a in axes if a not in MESH_AXES]
+    _require(not bad, f"config.logical_axis_rules maps {name!r} to {bad}, "
+             f"which are not mesh axes; use None or names from {MESH_AXES}.")
+    _require(len(set(axes)) == len(axes), f"config.logical_axis_rules maps "
+             f"{name!r} to {axes}, naming a mesh axis twice; name it once.")
+
+
+def _check_batch(config, field: str, shape, process_count: int) -> None:
+  """A global batch splits evenly over batch devices and over hosts."""
+  value = config[field]
+  axes = _mesh_axes_of(config, "batch")
+  shards = _mesh_size(shape, axes)
+  step = math.lcm(shards, process_count)
+  suggestion = max(step, value + (-value) % step)
+  _require(value > 0, f"config.{field}={value} must be > 0; set it to a "
+           f"multiple of {step}, e.g. {step}.")
+  _require(value % shards == 0,
+           f"config.{field}={value} does not split over the {shards} devices "
+           f"of mesh axes {axes} ('batch' in config.logical_axis_rules); set "
+           f"config.{field} to a multiple of {shards}, e.g. {suggestion} "
+           f"({suggestion // shards} per device).")
+  _require(value % process_count == 0,
+           f"config.{field}={value} is not divisible by process_count="
+           f"{process_count}; set config.{field} to a multiple of "
+           f"{process_count}, e.g. {suggestion}.")
+
+
+def _logical_sizes(model) -> dict[str, list[tuple[str, int]]]:
+  """Sizes of parameter axes by logical name, each with how to change it."""
+  n = (model.image_size // model.patch_size) ** 2
+  d = model.patch_size ** 2 * model.channels
+  parts = ("af", "ar") if model.prior == "farmer" else ("af",)
+  sizes = {"embed": [], "mlp": [], "heads": [], "kv": [], "length": [
+      ("tokens N = (config.model.image_size // patch_size)**2", n)]}
+  for p in parts:
+    width, heads = model[f"{p}_width"], model[f"{p}_heads"]
+    sizes["embed"].append((f"config.model.{p}_width", width))
+    sizes["mlp"].append((f"config.model.mlp_ratio * {p}_width",
+                         model.mlp_ratio * width))
+    sizes["heads"].append((f"config.model.{p}_heads", heads))
+    sizes["kv"].append((f"config.model.{p}_width // {p}_heads",
+                        width // heads))
+  sizes["layers"] = [("config.model.af_layers_per_block",
+                      model.af_layers_per_block)]
+  if model.prior == "farmer":
+    sizes["layers"].append(("config.model.ar_layers", model.ar_layers))
+    sizes["length"].append(("config.model.num_cond_tokens + N + 1",
+                            model.num_cond_tokens + n + 1))
+    sizes["vocab"] = [("config.model.num_classes + 1", model.num_classes + 1)]
+    sizes["mixture"] = [("config.model.K_I * (1 + 2 * d_I)",
+                         model.K_I * (1 + 2 * model.d_I))]
+    if d > model.d_I:
+      sizes["mixture"].append(("config.model.K_R * (1 + 2 * d_R)",
+                               model.K_R * (1 + 2 * (d - model.d_I))))
+  return sizes
+
+
+def _check_sharded_sizes(config, shape) -> None:
+  """Every parameter axis divides by the mesh axes its logical name maps to."""
+  for logical, entries in _logical_sizes(config.model).items():
+    axes = _mesh_axes_of(config, logical)
+    shards = _mesh_size(shape, axes)
+    for what, size in entries:
+      _require(size % shards == 0,
+               f"{what} = {size} is not divisible by {shards}, the size of "
+               f"mesh axes {axes} that logical axis {logical!r} maps to in "
+               f"config.logical_axis_rules (mesh {shape}); make it a multiple "
+               f"of {shards} or shrink those axes in config.mesh_shape.")
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int,
+             process_count: int) -> None:
+  """Checks that `config` can train on `num_devices` over `process_count` hosts.
+
+  Args:
+    config: a full training config (the keys of configs/digits.py).
+    num_devices: jax.device_count(), all devices of all hosts.
+    process_count: jax.process_count().
+
+  Raises:
+    ConfigError: the first problem found; the message names the field and
+      says how to fix it.
+  """
+  _check_scalars(config)
+  _check_model(config.model)
+  _check_noise(config)
+  _check_schedule(config)
+  _check_data(config)
+  _require(config.num_eval_batches == -1 or config.num_eval_batches >= 1,
+           f"config.num_eval_batches={config.num_eval_batches}; use -1 (the "
+           "whole split) or a positive number of batches.")
+  shape = resolve_mesh_shape(config.mesh_shape, num_devices)
+  _check_rules(config)
+  for field in ("batch_size", "eval_batch_size"):
+    _check_batch(config, field, shape, process_count)
+  _require(config.num_grid_images <= config.eval_batch_size,
+           f"config.num_grid_images={config.num_grid_images} is more than one "
+           f"eval batch (config.eval_batch_size={config.eval_batch_size}); "
+           "lower num_grid_images or raise eval_batch_size.")
+  _check_sharded_sizes(config, shape)
+
+
+# --------------------------------------------------------------- workdir ---
+
+
+def check_workdir(workdir: str) -> None:
+  """Fails early if a local --workdir cannot be created or written.
+
+  gs:// paths are accepted as they are (their access is checked on write).
+
+  Raises:
+    ConfigError: naming --workdir and the fix.
+  """
+  if workdir.startswith("gs://"):
+    return
+  _require(bool(workdir), "--workdir is empty; pass a directory to write "
+           "checkpoints and logs to.")
+  path = os.path.abspath(workdir)
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  _require(os.path.isdir(existing),
+           f"--workdir={workdir}: {existing} is a file, so the directory "
+           "cannot be created; choose another --workdir.")
+  _require(os.access(existing, os.W_OK | os.X_OK),
+           f"--workdir={workdir}: {existing} is not writable by this user; "
+           "choose a writable --workdir or fix the directory's permissions.")
+
+
+# --------------------------------------------------------------- derived ---
+
+
+def derived(config: ml_collections.ConfigDict, *, process_count: int,
+            num_devices: Optional[int] = None) -> dict[str, Any]:
+  """Values that follow from the config, for logging once at start-up.
+
+  Args:
+    config: a validated config.
+    process_count: jax.process_count().
+    num_devices: all devices; default jax.device_count().
+
+  Returns:
+    A dict: mesh shape, per-host and per-device batch, tokens N, token dim
+    d, d_I / d_R, total training images seen.
+  """
+  if num_devices is None:
+    import jax  # pylint: disable=g-import-not-at-top  # keeps configs light.
+    num_devices = jax.device_count()
+  shape = resolve_mesh_shape(config.mesh_shape, num_devices)
+  model = config.model
+  d = model.patch_size ** 2 * model.channels
+  batch_shards = _mesh_size(shape, _mesh_axes_of(config, "batch"))
+  return dict(
+      mesh_shape=shape,
+      per_host_batch=config.batch_size // process_count,
+      per_device_batch=config.batch_size // batch_shards,
+      num_tokens=(model.image_size // model.patch_size) ** 2,
+      token_dim=d,
+      d_I=model.d_I,
+      d_R=d - model.d_I,
+      total_images_seen=config.total_steps * config.batch_size,
+  )
+
+
+def flatten(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """`{'model.af_width': 128, ...}`; non-scalars become strings (hparams)."""
+  out = {}
+  for key, value in config.items():
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      out.update({f"{key}.{k}": v for k, v in flatten(value).items()})
+    elif isinstance(value, (bool, int, float, str)):
+      out[key] = value
+    else:
+      out[key] = str(value)
+  return out
