@@ -33,7 +33,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.data.eval_split = "test"
   config.data.worker_count = 0  # Grain worker processes; 0 = in-process.
   config.batch_size = 16 if tiny else 64  # global, over all processes.
-  config.eval_batch_size = 32 if tiny else 250
+  config.eval_batch_size = 32 if tiny else 128
 
   # Model (spec sections 2-4).
   config.model = ml_collections.ConfigDict()
@@ -42,15 +42,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model.num_classes = 10
   config.model.patch_size = 2 if tiny else 4
   config.model.af_blocks = 2 if tiny else 4
-  config.model.af_layers_per_block = 1 if tiny else 2
-  config.model.af_width = 32 if tiny else 128
+  config.model.af_layers_per_block = 1
+  config.model.af_width = 32 if tiny else 64
   config.model.af_heads = 2 if tiny else 4
   config.model.af_class_cond = False  # spec 2: condition via the AR prefix.
   config.model.scale_clip = 4.0  # s = c * tanh(raw / c).
   config.model.terminal_permutation = True
   config.model.prior = "farmer"  # 'farmer' | 'gaussian' (TARFlow ablation).
-  config.model.ar_width = 32 if tiny else 128
-  config.model.ar_layers = 2 if tiny else 4
+  config.model.ar_width = 32 if tiny else 96
+  config.model.ar_layers = 2 if tiny else 3
   config.model.ar_heads = 2 if tiny else 4
   config.model.mlp_ratio = 4
   config.model.d_I = 2 if tiny else 6  # informative channels of d = p*p*C.
@@ -69,9 +69,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.noise_min = 0.005
 
   # Optimisation.
-  config.total_steps = 60 if tiny else 3000
+  config.total_steps = 60 if tiny else 1200
   config.lr = 1e-3
-  config.warmup_steps = 10 if tiny else 200
+  config.warmup_steps = 10 if tiny else 100
   config.weight_decay = 1e-4
   config.b1 = 0.9
   config.b2 = 0.95
@@ -95,9 +95,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   # Logging, evaluation, checkpointing.
   config.log_every = 10 if tiny else 50
-  config.eval_every = 30 if tiny else 500
+  config.eval_every = 30 if tiny else 400
   config.num_eval_batches = 2 if tiny else -1  # -1: the whole split.
   config.num_grid_images = 16 if tiny else 64
-  config.ckpt_every = 20 if tiny else 500
+  config.ckpt_every = 20 if tiny else 400
   config.keep_ckpts = 3
   return config

@@ -117,14 +117,19 @@ def resolve_mesh_shape(mesh_shape: Sequence[int],
   return shape
 
 
+def _as_axes(target) -> tuple[str, ...]:
+  """A rule's target (None, 'fsdp' or ('data', 'fsdp')) as a tuple."""
+  if target is None:
+    return ()
+  return (target,) if isinstance(target, str) else tuple(target)
+
+
 def _mesh_axes_of(config, logical: str) -> tuple[str, ...]:
   """The mesh axes that `logical` maps to in config.logical_axis_rules."""
   for name, target in config.logical_axis_rules:
     if name == logical:
-      if target is None:
-        return ()
-      return (target,) if isinstance(target, str) else tuple(target)
-  return ()
+      return _as_axes(target)
+  return ()  # no rule: replicated.
 
 
 def _mesh_size(shape: tuple[int, ...], axes: Iterable[str]) -> int:
@@ -141,8 +146,10 @@ _AT_LEAST = (
     ("model.num_classes", 0, "0 means unconditional"),
     ("model.af_blocks", 1, "the flow needs at least one block"),
     ("model.af_layers_per_block", 1, "each flow block needs a transformer"),
+    ("model.af_width", 1, "the transformer width"),
     ("model.af_heads", 1, "attention needs a head"),
     ("model.ar_layers", 1, "the prior needs a transformer"),
+    ("model.ar_width", 1, "the transformer width"),
     ("model.ar_heads", 1, "attention needs a head"),
     ("model.mlp_ratio", 1, "the MLP width is mlp_ratio * width"),
     ("model.K_I", 1, "a mixture needs a component"),
@@ -164,8 +171,10 @@ _AT_LEAST = (
 )
 _POSITIVE = ("lr", "grad_clip", "model.scale_clip", "model.head_init_std",
              "model.scale_floor")
-# Fields in [0, 1): a probability that must leave some labels, decay rates.
-_UNIT_INTERVAL = ("model.label_drop", "ema_decay", "b1", "b2")
+# Fields in [0, 1) with a typical value: a probability that must leave some
+# labels, and decay rates.
+_UNIT_INTERVAL = (("model.label_drop", 0.1), ("ema_decay", 0.999),
+                  ("b1", 0.9), ("b2", 0.95))
 _CHOICES = (
     ("model.prior", PRIORS),
     ("model.dtype", DTYPES),
@@ -191,10 +200,10 @@ def _check_scalars(config) -> None:
     value = _get(config, field)
     _require(value > 0, f"config.{field}={value!r} must be > 0; set "
              f"config.{field} to a positive value.")
-  for field in _UNIT_INTERVAL:
+  for field, typical in _UNIT_INTERVAL:
     value = _get(config, field)
     _require(0 <= value < 1, f"config.{field}={value!r} must be in [0, 1); "
-             f"set config.{field} to e.g. 0.1 or 0.999.")
+             f"set config.{field} to a value in [0, 1), e.g. {typical}.")
   for field, choices in _CHOICES:
     value = _get(config, field)
     _require(value in choices, f"config.{field}={value!r} is not one of "
@@ -218,7 +227,7 @@ def _check_model(model) -> None:
            f"config.model.d_I in 1..{d} (the paper: 128 of 768).")
   for part in ("af", "ar"):
     width, heads = model[f"{part}_width"], model[f"{part}_heads"]
-    _require(width >= 1 and width % heads == 0,
+    _require(width % heads == 0,
              f"config.model.{part}_width={width} is not divisible by "
              f"config.model.{part}_heads={heads}; pick {part}_heads from "
              f"{tuple(_divisors(width)) + (width,)} or change {part}_width.")
@@ -226,7 +235,7 @@ def _check_model(model) -> None:
 
 def _check_noise(config) -> None:
   _require(config.noise_min <= config.noise_max,
-           f"config.noise_min={config.noise_min} > config.noise_max="
+           f"config.noise_min={config.noise_min} is above config.noise_max="
            f"{config.noise_max}; the schedule anneals noise_max -> noise_min, "
            "so set noise_min <= noise_max (the paper: 0.1 -> 0.005).")
 
@@ -279,8 +288,7 @@ def _check_rules(config) -> None:
     _require(name not in seen, f"config.logical_axis_rules names {name!r} "
              "twice; keep one entry (the first one would win).")
     seen.add(name)
-    axes = () if target is None else (
-        (target,) if isinstance(target, str) else tuple(target))
+    axes = _as_axes(target)
     bad = [a for a in axes if a not in MESH_AXES]
     _require(not bad, f"config.logical_axis_rules maps {name!r} to {bad}, "
              f"which are not mesh axes; use None or names from {MESH_AXES}.")
@@ -295,8 +303,8 @@ def _check_batch(config, field: str, shape, process_count: int) -> None:
   shards = _mesh_size(shape, axes)
   step = math.lcm(shards, process_count)
   suggestion = max(step, value + (-value) % step)
-  _require(value > 0, f"config.{field}={value} must be > 0; set it to a "
-           f"multiple of {step}, e.g. {step}.")
+  _require(value > 0, f"config.{field}={value} must be > 0; set "
+           f"config.{field} to a multiple of {step}, e.g. {step}.")
   _require(value % shards == 0,
            f"config.{field}={value} does not split over the {shards} devices "
            f"of mesh axes {axes} ('batch' in config.logical_axis_rules); set "

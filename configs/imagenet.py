@@ -1,0 +1,191 @@
+r"""FARMER on ImageNet, class-conditional, at 64x64 or 256x256.
+
+The paper's models (FARMER-1.1B and FARMER-1.9B, ImageNet 256):
+
+  launch/run.sh --config=configs/imagenet.py:res=256,size=1.1B \
+    --workdir=gs://BUCKET/farmer/imagenet256-1.1B \
+    -- --config.data.tfds_data_dir=gs://BUCKET/tfds
+
+or on one host: python -m farmer_jax.main \
+  --config=configs/imagenet.py:res=256,size=1.9B,fsdp=8 \
+  --workdir=workdirs/imagenet256-1.9B --config.data.tfds_data_dir=DIR
+
+Data: `imagenet2012` prepared once in array_record format (nothing is
+downloaded; the ILSVRC2012 tar files go in DIR/downloads/manual first):
+`tfds build imagenet2012 --data_dir=DIR --file_format=array_record`.
+
+Target (paper numbers; this code has not reached them yet): ImageNet 256
+FID-50K 5.40 for FARMER-1.1B (patch 16) and 3.60 (IS 269) for FARMER-1.9B
+(patch 8), both with resampling-based CFG after 320 epochs. The training
+run itself reports bits/dim; FID needs the sampler with guidance.
+
+Arg keys (comma-separated, see `config_lib.parse_arg`):
+  res=64|256   image side. 256: imagenet2012 resized to 256 (the paper).
+               64: imagenet2012 resized to 64, labels kept.
+  size=NAME    a row of SIZES: tiny, S, B, 1.1B, 1.9B. Default 1.1B at 256,
+               B at 64, tiny with runlocal.
+  uncond       unconditional; with res=64 only, reads the label-free
+               downsampled_imagenet/64x64.
+  fsdp=N       mesh (-1, N, 1): parameters sharded N ways (FSDP), the rest
+               data-parallel. Default 1: pure data parallelism.
+  runlocal     tiny model, batch 8, 10 steps: a CPU smoke test of the code
+               path (still needs the prepared TFDS data).
+
+Where the values come from (paper arXiv 2510.23588, as summarised in
+docs/FARMER.md; we cite the paper's parts by name, not by number):
+  * method (AF blocks, channel split, GMM prior; docs sections 2-4):
+    d_I=128 of d=768, K_I=64 components for Z^I, K_R=200 for Z^R, the class
+    token repeated x64, the terminal permutation;
+  * experiments setup (docs section 9): ImageNet 256 class-conditional,
+    patch 16 for FARMER-1.1B and 8 for FARMER-1.9B, 320 epochs,
+    dequantisation noise 0.1 -> 0.005 on a cosine schedule; we keep
+    d_I=128 for patch 8 too (d=192), our reading of the paper;
+  * ablation table (Table 2, FARMER-1.1B): the gains of dimension
+    reduction, x64 duplication, terminal permutation and resampling CFG;
+  * the spec's defaults: label dropout 0.1 (for CFG), scale clip 4, GMM
+    head init and scale floor;
+  * guessed, each marked `# guess:` below: every depth and width of the
+    1.1B / 1.9B rows of SIZES (only their patch sizes and totals are the
+    paper's; tests/config_test.py checks the totals), mlp ratio, head dim,
+    batch size, learning rate, warm-up, AdamW betas, weight decay, gradient
+    clip, EMA. The paper's text that we could read does not give them;
+  * ours: the S / B / tiny rows, res=64 (the patch scales with res so each
+    size keeps its token count N, and d_I scales like d), bf16
+    activations, remat for the big sizes, logging / eval / checkpoint
+    periods.
+"""
+import ml_collections
+
+from farmer_jax import config_lib
+
+# Training images per TFDS dataset (TFDS catalogue), for steps from epochs.
+TRAIN_IMAGES = {"imagenet2012": 1_281_167,
+                "downsampled_imagenet/64x64": 1_281_149}
+EPOCHS = 320  # paper, ImageNet 256.
+HEAD_DIM = 64  # guess: attention heads = width // 64 (ViT / GPT habit).
+D_I_AT_256 = 128  # paper: informative channels of d = 16*16*3 = 768.
+
+# name: (patch at res 256, af_blocks, af_layers_per_block, af_width,
+#        ar_layers, ar_width, remat).
+# The patches of 1.1B (16) and 1.9B (8) are the paper's; every depth and
+# width is a guess, sized so the parameter counts (with the mixture heads,
+# e.g. 295M for the K_R head of 1.1B) land near the names: 1.12B and 1.94B.
+# S (138M) and B (425M) at res 256 are ours, for ablations and res=64;
+# 'tiny' is the runlocal smoke test.
+SIZES = {
+    "tiny": (16, 2, 1, 64, 2, 64, False),
+    "S": (16, 4, 2, 384, 8, 384, False),  # ours
+    "B": (16, 8, 2, 768, 12, 768, False),  # ours
+    "1.1B": (16, 8, 4, 1024, 24, 1152, True),  # guess: all but the patch.
+    "1.9B": (8, 8, 6, 1280, 32, 1536, True),  # guess: all but the patch.
+}
+DEFAULT_SIZE = {64: "B", 256: "1.1B"}
+
+
+def _size(args) -> str:
+  size = args.size or ("tiny" if args.runlocal else DEFAULT_SIZE[args.res])
+  if size not in SIZES:
+    raise ValueError(f"configs/imagenet.py: size={size!r} is not one of "
+                     f"{list(SIZES)}.")
+  return size
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  """Returns the ImageNet config for `arg`, e.g. 'res=256,size=1.1B'."""
+  args = config_lib.parse_arg(arg, res=256, size="", uncond=False, fsdp=1,
+                              runlocal=False)
+  if args.res not in DEFAULT_SIZE:
+    raise ValueError(f"configs/imagenet.py: res={args.res}; use 64 or 256.")
+  if args.uncond and args.res != 64:
+    raise ValueError("configs/imagenet.py: uncond needs res=64 "
+                     "(downsampled_imagenet/64x64 has no labels).")
+  patch_256, af_blocks, af_layers, af_width, ar_layers, ar_width, remat = (
+      SIZES[_size(args)])
+  local = args.runlocal
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Data: ImageNet from TFDS, fitted (center crop + resize) to res.
+  config.data = ml_collections.ConfigDict()
+  config.data.source = "tfds"
+  config.data.tfds_name = ("downsampled_imagenet/64x64" if args.uncond
+                           else "imagenet2012")
+  config.data.tfds_data_dir = ""  # TFDS default (~/tensorflow_datasets).
+  config.data.folder = ""
+  config.data.train_split = "train"
+  config.data.eval_split = "validation"
+  config.data.worker_count = 0 if local else 8  # ours: JPEG decoding.
+  # guess: the paper's global batch (over all hosts) is not known to us.
+  config.batch_size = 8 if local else 1024
+  config.eval_batch_size = 8 if local else 1024
+
+  # Model (spec sections 2-4). The patch scales with res so N stays the
+  # size's token count; d_I scales like d (with res**2), keeping d_I / d.
+  config.model = ml_collections.ConfigDict()
+  config.model.image_size = args.res
+  config.model.channels = 3
+  config.model.num_classes = 0 if args.uncond else 1000
+  config.model.patch_size = patch_256 * args.res // 256
+  config.model.af_blocks = af_blocks
+  config.model.af_layers_per_block = af_layers
+  config.model.af_width = af_width
+  config.model.af_heads = af_width // HEAD_DIM
+  config.model.af_class_cond = False  # spec 2: condition via the AR prefix.
+  config.model.scale_clip = 4.0  # spec 2 decision: s = c * tanh(raw / c).
+  config.model.terminal_permutation = True  # paper Table 2.
+  config.model.prior = "farmer"
+  config.model.ar_width = ar_width
+  config.model.ar_layers = ar_layers
+  config.model.ar_heads = ar_width // HEAD_DIM
+  config.model.mlp_ratio = 4  # guess: the ViT / GPT default.
+  config.model.d_I = D_I_AT_256 * args.res ** 2 // 256 ** 2  # d ~ res**2.
+  config.model.K_I = 4 if local else 64  # paper
+  config.model.K_R = 4 if local else 200  # paper
+  config.model.num_cond_tokens = 4 if local else 64  # paper: class x64.
+  config.model.label_drop = 0.0 if args.uncond else 0.1  # for CFG (spec 4).
+  config.model.head_init_std = 0.1  # spec 4 decision.
+  config.model.scale_floor = 1e-3  # spec 4 decision.
+  config.model.dtype = "float32" if local else "bfloat16"  # activations.
+  config.model.remat = remat  # ours: on for 1.1B / 1.9B to fit memory.
+
+  # Dequantisation noise during training (paper: 0.1 -> 0.005, cosine).
+  config.noise_schedule = "cosine"
+  config.noise_max = 0.1
+  config.noise_min = 0.005
+
+  # Optimisation: AdamW. total_steps follows --config.batch_size.
+  images = TRAIN_IMAGES[config.data.tfds_name]
+  config.total_steps = EPOCHS * images // config.get_ref("batch_size")
+  if local:
+    config.total_steps = 10
+  config.lr = 1e-3 if local else 1e-4  # guess: AdamW peak for ~1B params.
+  config.warmup_steps = 2 if local else 10_000  # guess: ~8 epochs.
+  config.weight_decay = 1e-4  # guess: light decoupled decay.
+  config.b1 = 0.9  # guess: AdamW as for large transformers.
+  config.b2 = 0.95  # guess: AdamW as for large transformers.
+  config.grad_clip = 1.0  # guess: the usual global-norm clip.
+  config.ema_decay = 0.9 if local else 0.9999  # guess: ~10k-step horizon.
+  config.max_consecutive_nonfinite = 5
+
+  # Sharding: mesh axes (data, fsdp, tensor); fsdp=N shards params N ways.
+  config.mesh_shape = (-1, args.fsdp, 1)
+  config.logical_axis_rules = (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("kv", None),
+      ("length", None),
+      ("layers", None),
+      ("vocab", None),
+      ("mixture", None),
+  )
+
+  # Logging, evaluation (exact bits/dim on validation), checkpointing.
+  config.log_every = 1 if local else 100
+  config.eval_every = 5 if local else 10_000
+  config.num_eval_batches = 1 if local else 10  # 10 x 1024 of the 50k.
+  config.num_grid_images = 4 if local else 64
+  config.ckpt_every = 5 if local else 2_000
+  config.keep_ckpts = 3
+  return config
