@@ -83,6 +83,12 @@ class Checkpointer:
     self.check_config(step)
     logging.info("Restoring checkpoint step %d from %s", step,
                  self._manager.directory)
+    iter_dir = self._manager.directory / str(step) / "data_iter"
+    own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if not (iter_dir / own).exists():  # saved by another number of hosts
+      state = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state)))["state"]
+      return state, _position_iterator(iter_dir, data_iter)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         data_iter=grain.checkpoint.CheckpointRestore(data_iter),
@@ -105,6 +111,26 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _position_iterator(iter_dir, data_iter):
+  """`data_iter` at the position process 0 of another host count saved.
+
+  The global batches do not depend on the number of hosts (input_pipeline:
+  host i reads row block i of every global batch), so every host of any
+  host count has read the same number of its own batches: process 0's saved
+  position is every host's. Needs the same `config.data.worker_count`
+  (Grain's iterator state has one entry per worker).
+  """
+  saved = sorted(iter_dir.glob("process_0-of-*.json"))
+  if not saved:
+    raise FileNotFoundError(f"No data iterator state in {iter_dir}.")
+  logging.warning("The checkpoint was written by another number of "
+                  "processes (%s); this run has %d: positioning the data "
+                  "iterator from process 0's state.", saved[0].name,
+                  jax.process_count())
+  data_iter.set_state(json.loads(saved[0].read_text()))
+  return data_iter
 
 
 def abstract_with_shardings(abstract_tree, shardings):

@@ -10,6 +10,7 @@ import math
 import os
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
@@ -53,16 +54,29 @@ def evaluate_bpd(eval_fn, params, batches, rng) -> dict:
   """
   per_image, masks = {}, []
   for i, batch in enumerate(batches):
-    terms = jax.device_get(eval_fn(params, batch, jax.random.fold_in(rng, i)))
+    terms = to_host(eval_fn(params, batch, jax.random.fold_in(rng, i)))
     for key, value in terms.items():
       per_image.setdefault(key, []).append(np.asarray(value))
-    masks.append(np.asarray(jax.device_get(batch["mask"])))
+    masks.append(to_host(batch["mask"]))
   return summarize(per_image, masks)
+
+
+def to_host(tree):
+  """numpy copies of the global arrays in `tree`, on every process.
+
+  An array spread over several processes is all-gathered (a collective:
+  every process must call this), so multi-host evaluation works.
+  """
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(get, tree)
 
 
 def to_uint8(x: jax.Array) -> np.ndarray:
   """`[-1, 1]` images -> uint8 `{0..255}` (clipped, rounded)."""
-  x = np.asarray(jax.device_get(x), np.float32)
+  x = to_host(x).astype(np.float32)
   return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 

@@ -32,11 +32,14 @@ training run never sees a malformed batch:
     variable-size images of imagenet2012.
 
 Training data is sharded by host: the global shuffle (reseeded each epoch from
-`config.seed`) is strided over `process_count`, each host batches its
-`batch_size // process_count` examples, and `make_global_batch` assembles the
-global array with `jax.make_array_from_process_local_data`. The train iterator
-is a `grain.DatasetIterator`: `get_state()` / `set_state()` (a small JSON
-dict) resume it exactly, which is what grain's Orbax handler
+`config.seed`) is cut into global batches, host i of `process_count` reads rows
+`[i*b, (i+1)*b)` of each (`b = batch_size // process_count`), and
+`make_global_batch` assembles the global array with
+`jax.make_array_from_process_local_data`. So the global batches do not depend
+on the number of hosts: a run on 2 processes sees the same batches, in the
+same rows, as a run on 1, and a checkpoint resumes on another host count.
+The train iterator is a `grain.DatasetIterator`: `get_state()` / `set_state()`
+(a small JSON dict) resume it exactly, which is what grain's Orbax handler
 (`grain.checkpoint.CheckpointSave` / `CheckpointRestore`) stores.
 """
 import concurrent.futures
@@ -394,11 +397,17 @@ def _read_options(config) -> grain.ReadOptions:
       prefetch_buffer_size=_PREFETCH_BATCHES)
 
 
-def _to_batches(ds: grain.MapDataset, config, batch_size: int):
-  """Batches ds in order (drop remainder); threads and worker processes."""
+def _to_batches(ds: grain.MapDataset, config, batch_size: int,
+                process_index: int, process_count: int):
+  """This host's batches of ds; threads and worker processes.
+
+  Consecutive runs of `process_count` local batches (drop remainder) form one
+  global batch; this host takes its row block of each (module docstring).
+  """
   # Batching before to_iter_dataset makes a batch the unit of work of reader
   # threads and worker processes, so batches do not depend on worker_count.
   ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds[process_index::process_count]
   ds = ds.to_iter_dataset(_read_options(config))
   if config.data.worker_count > 0:
     # Grain's worker processes read absl flags; outside absl.app (tests,
@@ -433,9 +442,8 @@ def create_train_iterator(config: ml_collections.ConfigDict, *,
   # Shuffle before repeat: Grain folds the epoch into the seed, so each epoch
   # is a new permutation and no example repeats within an epoch.
   ds = ds.shuffle(seed=config.seed).repeat()
-  # Striding the global order gives each host a disjoint 1/process_count.
-  ds = ds[process_index::process_count]
-  return iter(_to_batches(ds, config, local_batch))
+  return iter(_to_batches(ds, config, local_batch, process_index,
+                          process_count))
 
 
 def create_eval_iterator(config: ml_collections.ConfigDict, split: str, *,
@@ -469,8 +477,8 @@ def create_eval_iterator(config: ml_collections.ConfigDict, split: str, *,
   length = total_batches * global_batch
   image_shape = (config.model.image_size,) * 2 + (config.model.channels,)
   padded = _PaddedSource(source, min(len(source), length), length, image_shape)
-  ds = grain.MapDataset.source(padded)[process_index::process_count]
-  return iter(_to_batches(ds, config, local_batch))
+  return iter(_to_batches(grain.MapDataset.source(padded), config,
+                          local_batch, process_index, process_count))
 
 
 def make_global_batch(local_batch: dict[str, np.ndarray],

@@ -30,6 +30,10 @@ _PROCESS_ID = flags.DEFINE_integer(
     os.environ.get("JAX_PROCESS_ID") else None, "This process's index.")
 _CPU_COLLECTIVES = flags.DEFINE_string(
     "cpu_collectives", "gloo", "CPU collectives for multi-process CPU runs.")
+_STOP_AT_STEP = flags.DEFINE_integer(
+    "stop_at_step", None, "Save and exit after this step, as if preempted "
+    "(a job sliced into shorter runs); the schedules still end at "
+    "config.total_steps and the next run resumes.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -60,7 +64,8 @@ def main(argv) -> None:
   logging.info("Python %s; jax %s; flax %s.", sys.version.split()[0],
                jax.__version__, flax.__version__)
   logging.info("Config:\n%s", _CONFIG.value)
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                           stop_at_step=_STOP_AT_STEP.value)
 
 
 if __name__ == "__main__":

@@ -149,6 +149,13 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, config):
   return new_state, metrics
 
 
+def reconstruct(model, params, images, labels):
+  """decode(encode(x)) of uint8 images, in `[-1, 1]` (the grid's round trip)."""
+  x = nll.to_model_range(images)
+  z, _ = model.apply({"params": params}, x, labels, method=Farmer.encode)
+  return model.apply({"params": params}, z, labels, method=Farmer.decode)
+
+
 class Trainer:
   """Builds everything `train_and_evaluate` needs from the config."""
 
@@ -171,6 +178,7 @@ class Trainer:
         donate_argnums=0)
     self.eval_fn = jax.jit(functools.partial(
         evaluation.eval_terms, self.model, num_dims=num_dims(config)))
+    self.reconstruct_fn = jax.jit(functools.partial(reconstruct, self.model))
     self.checkpointer = checkpointing.Checkpointer(workdir, config)
 
   def restore_or_init(self, data_iter):
@@ -205,12 +213,8 @@ class Trainer:
     """decode(encode(x)) of test images (EMA params) as PNG + TensorBoard."""
     batch = next(iter(self.eval_batches()))
     n = self.config.num_grid_images
-    x = nll.to_model_range(batch["image"])[:n]
-    labels = batch["label"][:n]
-    z, _ = self.model.apply({"params": state.ema_params}, x, labels,
-                            method=Farmer.encode)
-    recon = self.model.apply({"params": state.ema_params}, z, labels,
-                             method=Farmer.decode)
+    recon = self.reconstruct_fn(state.ema_params, batch["image"][:n],
+                                batch["label"][:n])
     grid = evaluation.make_grid(evaluation.to_uint8(recon))
     if jax.process_index() == 0:
       evaluation.save_png(grid, os.path.join(self.workdir, "images",
