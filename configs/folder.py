@@ -101,6 +101,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.grad_clip = 1.0
   config.ema_decay = 0.999
   config.max_consecutive_nonfinite = 5
+  # Fault injection (tests only): loop steps whose batch becomes NaN.
+  config.debug_nonfinite_steps = ()
 
   # Sharding: mesh axes (data, fsdp, tensor); one size may be -1.
   config.mesh_shape = (-1, 1, 1)

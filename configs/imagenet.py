@@ -166,6 +166,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.grad_clip = 1.0  # guess: the usual global-norm clip.
   config.ema_decay = 0.9 if local else 0.9999  # guess: ~10k-step horizon.
   config.max_consecutive_nonfinite = 5
+  # Fault injection (tests only): loop steps whose batch becomes NaN.
+  config.debug_nonfinite_steps = ()
 
   # Sharding: mesh axes (data, fsdp, tensor); fsdp=N shards params N ways.
   config.mesh_shape = (-1, args.fsdp, 1)

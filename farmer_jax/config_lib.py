@@ -245,6 +245,12 @@ def _check_schedule(config) -> None:
            f"config.warmup_steps={config.warmup_steps} must be < "
            f"config.total_steps={config.total_steps}; lower warmup_steps "
            "or raise total_steps.")
+  steps = config.debug_nonfinite_steps
+  ok = isinstance(steps, (tuple, list)) and all(
+      isinstance(s, int) and 1 <= s <= config.total_steps for s in steps)
+  _require(ok, f"config.debug_nonfinite_steps={steps!r} must be a tuple of "
+           f"training steps in 1..{config.total_steps} (a test switch: their "
+           "batches become NaN); leave it () for a real run.")
 
 
 def _check_splits(data) -> None:

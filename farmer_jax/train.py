@@ -100,6 +100,17 @@ def create_sharded_state(config, model, tx, mesh):
   return functools.partial(init_fn, rng), abstract, shardings
 
 
+def _inject_nonfinite(x, step, steps: tuple):
+  """NaN input at the loop steps in `steps` (config.debug_nonfinite_steps).
+
+  A fault-injection switch for tests of the non-finite handling; with the
+  default `()` nothing is traced, so normal runs compile the same program.
+  """
+  if not steps:
+    return x
+  return jnp.where(jnp.isin(step, jnp.asarray(steps)), jnp.nan, x)
+
+
 def train_step(state: TrainState, batch, *, model, tx, schedule, config):
   """One update on the exact NLL of the noise-augmented batch (spec 1, 5).
 
@@ -112,6 +123,7 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, config):
                           config.noise_schedule, config.noise_max,
                           config.noise_min)
   x = nll.augment(rng_noise, batch["image"], noise, config.noise_schedule)
+  x = _inject_nonfinite(x, state.step + 1, config.debug_nonfinite_steps)
   dims = num_dims(config)
 
   def loss_fn(params):

@@ -50,6 +50,11 @@ BAD = [
      "('cosine', 'constant', 'uniform')"),
     ({"noise_min": 0.2}, "config.noise_min=0.2", "noise_min <= noise_max"),
     ({"noise_max": -0.1}, "config.noise_max=-0.1", "0 or more"),
+    ({"noise_min": -0.01}, "config.noise_min=-0.01", "0 or more"),
+    ({"debug_nonfinite_steps": (0,)}, "config.debug_nonfinite_steps=(0,)",
+     "leave it () for a real run"),
+    ({"debug_nonfinite_steps": (61,)}, "config.debug_nonfinite_steps=(61,)",
+     "training steps in 1..60"),
     ({"lr": 0.0}, "config.lr=0.0", "positive value"),
     ({"warmup_steps": 60}, "config.warmup_steps=60", "lower warmup_steps"),
     ({"total_steps": 0}, "config.total_steps=0", "1 or more"),
@@ -63,6 +68,8 @@ BAD = [
     ({"eval_batch_size": 20}, "config.eval_batch_size=20",
      "multiple of 8, e.g. 24 (3 per device)"),
     ({"mesh_shape": (2, 2, 1)}, "mesh (2, 2, 1) needs 4 devices but 8 are "
+     "available", "change config.mesh_shape"),
+    ({"mesh_shape": (4, 4, 1)}, "mesh (4, 4, 1) needs 16 devices but 8 are "
      "available", "change config.mesh_shape"),
     ({"mesh_shape": (-1, -1, 1)}, "config.mesh_shape", "at most one -1"),
     ({"mesh_shape": (-1, 1)}, "config.mesh_shape", "(-1, 1, 1)"),
