@@ -7,7 +7,10 @@ A checkpoint step holds three items:
     written by another architecture fails with a message naming the
     difference instead of a shape error (and the checkpoint is untouched).
 Orbax writes each step to a temporary directory and renames it when
-complete, so a crash mid-save never leaves a step that `latest_step` sees.
+complete, so a crash mid-save never leaves a step that `latest_step` sees;
+the next run deletes such leftovers. A save that fails (disk full, no
+permission) raises `CheckpointSaveError`, and the steps already complete
+stay as they were.
 """
 import json
 import os
@@ -20,6 +23,10 @@ import orbax.checkpoint as ocp
 
 class CheckpointMismatchError(ValueError):
   """The workdir's checkpoint was written by a different model config."""
+
+
+class CheckpointSaveError(OSError):
+  """Writing a checkpoint failed; the complete ones are untouched."""
 
 
 def _model_dict(config) -> dict:
@@ -37,8 +44,10 @@ class Checkpointer:
             max_to_keep=config.keep_ckpts,
             enable_async_checkpointing=True,
             create=True,
+            cleanup_tmp_directories=True,  # leftovers of a killed save.
         ),
     )
+    self._save_failed = False
 
   def latest_step(self):
     return self._manager.latest_step()
@@ -52,12 +61,34 @@ class Checkpointer:
     return self._manager.reached_preemption(step)
 
   def save(self, step: int, state, data_iter) -> None:
-    """Starts an async save of `state` and the iterator at `step`."""
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data_iter=grain.checkpoint.CheckpointSave(data_iter),
-        config=ocp.args.JsonSave(_model_dict(self._config)),
-    ), force=True)
+    """Starts an async save of `state` and the iterator at `step`.
+
+    Raises:
+      CheckpointSaveError: this save, or the previous one still finishing
+        in the background, could not be written.
+    """
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data_iter=grain.checkpoint.CheckpointSave(data_iter),
+          config=ocp.args.JsonSave(_model_dict(self._config)),
+      ), force=True)
+    except Exception as e:  # Orbax and TensorStore raise many types.
+      raise self._save_error(f"step {step}", e) from e
+
+  def _save_error(self, what: str, error: Exception) -> CheckpointSaveError:
+    self._save_failed = True
+    try:
+      steps = sorted(int(p.name) for p in self._manager.directory.iterdir()
+                     if p.name.isdigit())
+      complete = f"step {steps[-1]}" if steps else "none"
+    except Exception:  # pylint: disable=broad-except  # unreadable directory.
+      complete = "unknown (the directory cannot be listed)"
+    return CheckpointSaveError(
+        f"Saving the checkpoint of {what} to {self._manager.directory} failed "
+        f"({type(error).__name__}: {error}). Complete checkpoints there are "
+        f"untouched (the latest: {complete}). Free disk space or fix the "
+        "directory's permissions, then rerun the same command to resume.")
 
   def check_config(self, step: int) -> None:
     """Raises CheckpointMismatchError if the saved model config differs."""
@@ -109,8 +140,15 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for the last async save; CheckpointSaveError if it failed."""
+    try:
+      self._manager.wait_until_finished()
+      self._manager.close()
+    except Exception as e:  # pylint: disable=broad-except
+      if self._save_failed:  # that error is already on its way up.
+        logging.error("Closing the checkpointer after a failed save: %s", e)
+        return
+      raise self._save_error("the last step", e) from e
 
 
 def _position_iterator(iter_dir, data_iter):
