@@ -30,6 +30,9 @@ training run never sees a malformed batch:
     `config.model.image_size` (area filter when shrinking, bicubic when
     growing). The same fitting applies to every source, e.g. to the
     variable-size images of imagenet2012.
+  * a file that passed the start-up check but no longer decodes (changed
+    while training ran) is an ERROR naming the file, raised before its batch
+    is assembled.
 
 Training data is sharded by host: the global shuffle (reseeded each epoch from
 `config.seed`) is cut into global batches, host i of `process_count` reads rows
@@ -103,8 +106,16 @@ class FolderSource:
     return len(self.paths)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    with Image.open(self.paths[index]) as image:
-      pixels = np.asarray(image.convert(self.mode))
+    path = self.paths[index]
+    try:
+      with Image.open(path) as image:
+        pixels = np.asarray(image.convert(self.mode))
+    except Exception as e:  # pylint: disable=broad-except  # PIL: many types.
+      # Verified at start-up, so the file changed under the running job:
+      # stop rather than train on a batch that silently lacks it.
+      raise OSError(f"Image {path} was readable at start-up but now fails "
+                    f"to decode ({type(e).__name__}: {e}); restore the file "
+                    "or remove it and restart.") from e
     return {"image": pixels, "label": self.labels[index]}
 
 
