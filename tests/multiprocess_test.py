@@ -26,6 +26,7 @@ import sys
 import time
 
 import numpy as np
+from tensorboard.compat.proto import event_pb2
 
 import helpers
 
@@ -116,8 +117,7 @@ def _records(path):
 
 def scalars(workdir: str, tag: str) -> dict:
   """{step: value} of a scalar in every events file of `workdir`."""
-  # Reading the protos directly: TensorBoard's loaders import TensorFlow.
-  from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  # Reads the protos directly: TensorBoard's loaders import TensorFlow.
   out = {}
   for path in sorted(glob.glob(os.path.join(workdir, "events.out.*"))):
     for record in _records(path):

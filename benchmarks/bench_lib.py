@@ -1,0 +1,122 @@
+"""Shared pieces of the benchmark scripts: model sizes, timing, tables.
+
+Every benchmark builds its model from `configs/digits.py` (28x28x1 MNIST,
+patch 4: N = 49 tokens of d = 16) with one row of `SIZES` applied, runs on
+`jax.devices()[0]` alone (a (1, 1, 1) mesh) and prints a markdown table.
+"""
+import functools
+import importlib.util
+import os
+import statistics
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from farmer_jax import sharding
+from farmer_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name: (af_blocks, af_layers_per_block, af_width, ar_layers, ar_width);
+# heads = width // 32. 'S' is the digits default model.
+SIZES = {
+    "XS": (2, 1, 32, 2, 32),
+    "S": (4, 1, 64, 3, 96),
+    "M": (4, 2, 128, 6, 192),
+    "L": (4, 2, 256, 8, 384),
+}
+
+
+def load_config(arg: str = ""):
+  """`configs/digits.py:get_config(arg)`, unlocked."""
+  path = os.path.join(REPO, "configs", "digits.py")
+  spec = importlib.util.spec_from_file_location("configs_digits", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def sized_config(size: str, batch_size: int = 64, **model_overrides):
+  """The digits config with model size `size`, on a 1-device mesh."""
+  config = load_config()
+  af_blocks, af_layers, af_width, ar_layers, ar_width = SIZES[size]
+  config.model.update(af_blocks=af_blocks, af_layers_per_block=af_layers,
+                      af_width=af_width, af_heads=max(af_width // 32, 1),
+                      ar_layers=ar_layers, ar_width=ar_width,
+                      ar_heads=max(ar_width // 32, 1))
+  config.model.update(model_overrides)
+  config.update(batch_size=batch_size, mesh_shape=(1, 1, 1))
+  return config
+
+
+def train_step_parts(config):
+  """`(jitted_step, state, batch, num_params)` on `jax.devices()[0]`."""
+  mesh = sharding.create_mesh(config, devices=jax.devices()[:1])
+  model = train.Farmer(config.model)
+  tx, schedule = train.create_optimizer(config)
+  init_fn, abstract, shardings = train.create_sharded_state(
+      config, model, tx, mesh)
+  batch_sharding = sharding.batch_sharding(mesh, config)
+  step = jax.jit(
+      functools.partial(train.train_step, model=model, tx=tx,
+                        schedule=schedule, config=config),
+      in_shardings=(shardings, batch_sharding),
+      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  s, c = config.model.image_size, config.model.channels
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.integers(0, 256, (config.batch_size, s, s, c),
+                                 dtype=np.uint8),
+           "label": rng.integers(0, 10, (config.batch_size,), dtype=np.int32)}
+  batch = jax.device_put(batch, batch_sharding)
+  num_params = sum(a.size for a in jax.tree.leaves(abstract.params))
+  return step, mesh, init_fn, abstract, batch, num_params
+
+
+def flops_of(compiled) -> float:
+  """XLA's FLOP count of a compiled executable (its cost analysis)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per module.
+    cost = cost[0]
+  return float(cost.get("flops", 0.0))
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+  """Median wall time of `fn()` (blocked until ready) over `repeats` calls."""
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def matmul_peak(n: int, repeats: int = 5) -> float:
+  """FLOP/s of a jitted f32 `[n, n] @ [n, n]` on `jax.devices()[0]`."""
+  device = jax.devices()[0]
+  a = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (n, n)), device)
+  b = jax.device_put(jax.random.normal(jax.random.PRNGKey(1), (n, n)), device)
+  # Default precision, as in the train step (TF32 on recent GPUs).
+  matmul = jax.jit(jnp.dot)
+  jax.block_until_ready(matmul(a, b))
+  return 2.0 * n ** 3 / median_seconds(lambda: matmul(a, b), repeats)
+
+
+def device_name() -> str:
+  d = jax.devices()[0]
+  return f"{d.platform}:{getattr(d, 'device_kind', '')} ({jax.device_count()}" \
+         f" device(s), jax {jax.__version__})"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+  """A markdown table; floats get 3 significant digits."""
+  def fmt(v):
+    if isinstance(v, float):
+      return f"{v:.3g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    return str(v)
+  lines = ["| " + " | ".join(header) + " |",
+           "|" + "|".join("---" for _ in header) + "|"]
+  lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+  return "\n".join(lines)

@@ -1,0 +1,69 @@
+r"""Train-step throughput: images/s and achieved FLOP/s vs the matmul peak.
+
+For each model size (`bench_lib.SIZES`, digits 28x28x1) the jitted train
+step (`train.train_step`: forward + backward + AdamW + EMA, state donated)
+is compiled once, run `--warmup` times, then timed over `--steps` steps.
+FLOPs per step are XLA's count for the compiled step
+(`jax.jit(...).lower(...).compile().cost_analysis()['flops']`); achieved
+FLOP/s = FLOPs per step x steps/s. The peak is a jitted f32
+`[n, n] @ [n, n]` matmul (`--matmul_n`) timed in the same run on the same
+device; the last column is achieved / peak.
+
+  python benchmarks/train_throughput.py --sizes=XS,S,M --batch_size=64
+"""
+import time
+
+from absl import app
+from absl import flags
+import jax
+
+import bench_lib
+
+_SIZES = flags.DEFINE_list("sizes", ["XS", "S", "M"], "Rows of SIZES.")
+_BATCH = flags.DEFINE_integer("batch_size", 64, "Global batch size.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per size.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compile.")
+_MATMUL_N = flags.DEFINE_integer("matmul_n", 2048, "Side of the peak matmul.")
+
+
+def measure(size: str, batch_size: int, steps: int, warmup: int) -> dict:
+  """Compiles and times the train step of one model size."""
+  config = bench_lib.sized_config(size, batch_size)
+  step, mesh, init_fn, _, batch, num_params = bench_lib.train_step_parts(
+      config)
+  with bench_lib.sharding.context(mesh, config):
+    state = init_fn()
+    compiled = step.lower(state, batch).compile()
+    flops = bench_lib.flops_of(compiled)
+    for _ in range(warmup):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    seconds = (time.perf_counter() - start) / steps
+  return dict(size=size, params=num_params, step_s=seconds,
+              images_per_s=batch_size / seconds, flops=flops,
+              flops_per_s=flops / seconds)
+
+
+def main(argv):
+  del argv
+  peak = bench_lib.matmul_peak(_MATMUL_N.value)
+  rows = []
+  for size in _SIZES.value:
+    r = measure(size, _BATCH.value, _STEPS.value, _WARMUP.value)
+    rows.append([r["size"], f"{r['params'] / 1e6:.2f}M", _BATCH.value,
+                 r["step_s"] * 1e3, r["images_per_s"], r["flops"] / 1e9,
+                 r["flops_per_s"] / 1e9, peak / 1e9,
+                 f"{100 * r['flops_per_s'] / peak:.1f}%"])
+  print(f"Device: {bench_lib.device_name()}")
+  print(bench_lib.table(
+      ["size", "params", "batch", "ms/step", "images/s", "GFLOP/step",
+       "achieved GFLOP/s", f"matmul peak GFLOP/s ({_MATMUL_N.value}^3 f32)",
+       "achieved / peak"], rows))
+
+
+if __name__ == "__main__":
+  app.run(main)

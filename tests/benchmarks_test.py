@@ -1,0 +1,63 @@
+"""Smoke test: every benchmark script runs with its smallest flags.
+
+Each script runs in a subprocess on one CPU device with XLA's cheapest
+backend settings and a shared persistent compilation cache (the train step
+of throughput and memory is the same program), and must print a markdown
+table with the expected rows and positive numbers.
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import helpers
+
+FAST_COMPILE = ("--xla_backend_optimization_level=0 "
+                "--xla_llvm_disable_expensive_passes=true")
+SMALLEST = {
+    "train_throughput.py": (["--sizes=XS", "--batch_size=8", "--steps=1",
+                             "--warmup=0", "--matmul_n=256"], ["XS"]),
+    "compile_time.py": (["--depths=1", "--size=XS", "--batch_size=8"], ["1"]),
+    "sampling_speed.py": (["--batch_sizes=2", "--size=XS", "--repeats=1"],
+                          ["AR decoding (latents)", "flow inverse"]),
+    "memory.py": (["--batch_sizes=8", "--size=XS"], ["8"]),
+}
+
+
+def _table(stdout: str) -> list[dict]:
+  """The rows of the markdown table in `stdout`, as {header: cell}."""
+  lines = [l for l in stdout.splitlines() if l.startswith("|")]
+  assert len(lines) >= 3 and set(lines[1]) <= set("|-"), stdout
+  cells = [[c.strip() for c in l.strip("|").split("|")] for l in lines]
+  return [dict(zip(cells[0], row)) for row in cells[2:]]
+
+
+def _number(cell: str):
+  """'1.2M', '3.4x', '5%', '1,234', '2e-05' -> float; None if no number."""
+  match = re.fullmatch(r"([0-9.]+(?:e[-+]?\d+)?)[Mx%]?", cell.replace(",", ""))
+  return float(match.group(1)) if match else None
+
+
+@pytest.mark.parametrize("script", sorted(SMALLEST))
+def test_benchmark_prints_its_table(script, tmp_path_factory):
+  flags, first_column = SMALLEST[script]
+  cache = tmp_path_factory.getbasetemp() / "benchmarks_jax_cache"
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+  env.update(XLA_FLAGS=FAST_COMPILE, JAX_PLATFORMS="cpu",
+             TF_CPP_MIN_LOG_LEVEL="3", JAX_COMPILATION_CACHE_DIR=str(cache),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  out = subprocess.run(
+      [sys.executable, os.path.join("benchmarks", script), *flags],
+      cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = _table(out.stdout)
+  assert [next(iter(r.values())) for r in rows] == first_column, out.stdout
+  for row in rows:
+    for header, cell in list(row.items())[1:]:
+      value = _number(cell)
+      if header.startswith("max abs"):  # a difference: may be 0 or absent.
+        assert value is None or value < 1e-3, row
+      else:
+        assert value is not None and value > 0, (header, row)
