@@ -1,8 +1,10 @@
 r"""Entry point: `python -m farmer_jax.main --config=configs/x.py --workdir=W`.
 
 Thin by design: flags, multi-process initialisation, logging, then
-`train.train_and_evaluate`. Multi-process: on TPU pods `jax.distributed`
-initialises itself from the environment (auto-detected); elsewhere pass
+`train.train_and_evaluate` (or `distill.distill_and_evaluate` for a config
+with a `distill` section, e.g. configs/digits_distill.py). Multi-process: on
+TPU pods `jax.distributed` initialises itself from the environment
+(auto-detected); elsewhere pass
 `--coordinator_address=host:port --num_processes=N --process_id=i` (or the
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables).
 """
@@ -56,6 +58,7 @@ def main(argv) -> None:
   _initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top
   import flax  # pylint: disable=g-import-not-at-top
+  from farmer_jax import distill  # pylint: disable=g-import-not-at-top
   from farmer_jax import train  # pylint: disable=g-import-not-at-top
   logging.info("Process %d of %d; local devices %d, global devices %d (%s).",
                jax.process_index(), jax.process_count(),
@@ -64,8 +67,12 @@ def main(argv) -> None:
   logging.info("Python %s; jax %s; flax %s.", sys.version.split()[0],
                jax.__version__, flax.__version__)
   logging.info("Config:\n%s", _CONFIG.value)
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
-                           stop_at_step=_STOP_AT_STEP.value)
+  if distill.is_distill_config(_CONFIG.value):  # spec section 8
+    distill.distill_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                                 stop_at_step=_STOP_AT_STEP.value)
+  else:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                             stop_at_step=_STOP_AT_STEP.value)
 
 
 if __name__ == "__main__":

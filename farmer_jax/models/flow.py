@@ -34,10 +34,13 @@ class FlowBlock(nn.Module):
       mlp_ratio, scale_clip, af_class_cond, num_classes, dtype, remat).
     num_tokens: N.
     token_dim: d.
+    causal: True for the flow; the one-step student (`models/student.py`,
+      spec section 8) builds the same block with bidirectional attention.
   """
   cfg: Any
   num_tokens: int
   token_dim: int
+  causal: bool = True
 
   def setup(self):
     cfg = self.cfg
@@ -57,8 +60,8 @@ class FlowBlock(nn.Module):
           embedding_init=nn.with_logical_partitioning(
               nn.initializers.normal(0.02), ("vocab", "embed")))
     self.transformer = layers.Transformer(
-        cfg.af_layers_per_block, cfg.af_heads, cfg.mlp_ratio, causal=True,
-        dtype=dtype, remat=cfg.remat, name="transformer")
+        cfg.af_layers_per_block, cfg.af_heads, cfg.mlp_ratio,
+        causal=self.causal, dtype=dtype, remat=cfg.remat, name="transformer")
     # Zero init: the block starts as the identity map (spec section 2).
     self.head = nn.Dense(
         2 * self.token_dim, dtype=jnp.float32, name="head",
@@ -146,6 +149,19 @@ class AutoregressiveFlow(nn.Module):
         x = x[:, ::-1]
       logdet = logdet + ld
     return (x[:, ::-1] if self._terminal_flip() else x), logdet
+
+  def path(self, x, labels):
+    """The forward path `[Z_0 = x, Z_1, ..., Z_n]` (spec section 8).
+
+    Each `Z_t [B, N, d]` is block t's output in raster order; `Z_n` is
+    `__call__`'s `z` before the terminal permutation.
+    """
+    path = [x.astype(jnp.float32)]
+    for t, block in enumerate(self.blocks):
+      x = path[-1][:, ::-1] if t % 2 else path[-1]
+      y, _ = block(x, labels)
+      path.append(y[:, ::-1] if t % 2 else y)
+    return path
 
   def inverse(self, z, labels):
     x = z[:, ::-1] if self._terminal_flip() else z

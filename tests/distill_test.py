@@ -1,0 +1,214 @@
+"""One-step distillation (spec section 8): a parallel student of the AF inverse.
+
+The student must be non-causal and run one pass per block (no scan over
+tokens); distillation through the real entry point (a tiny teacher trained
+by `train.train_and_evaluate`, then `distill`, stopped and resumed via
+`main`) must cut the reconstruction error well below its value at the
+teacher-weight initialisation; the student decodes like `Farmer.decode`.
+"""
+import functools
+import os
+import sys
+from unittest import mock
+
+from absl import flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import helpers
+from farmer_jax import distill
+from farmer_jax import input_pipeline
+from farmer_jax import main as main_lib
+from farmer_jax import train
+from farmer_jax.models import Farmer
+from farmer_jax.models import flow as flow_lib
+from farmer_jax.models.student import StudentDecoder
+
+TEACHER_STEPS = 30  # of a 60-step schedule: no teacher eval, only a save.
+DISTILL_STEPS = 100
+
+
+def _config(**overrides):
+  config = helpers.load_config("digits_distill", "tiny")
+  config.update(overrides)
+  return config
+
+
+@pytest.fixture(scope="module")
+def random_student():
+  """A tiny student with random weights (also a valid teacher flow tree)."""
+  config = _config()
+  student = distill.create_student(config.model)
+  z = jax.random.normal(jax.random.PRNGKey(0),
+                        (4, student.num_tokens, student.token_dim))
+  labels = jnp.zeros((4,), jnp.int32)
+  params = jax.jit(lambda: helpers.randomize(student.init(
+      {"params": jax.random.PRNGKey(1)}, z, labels)["params"], 2, 0.1))()
+  teacher_flow = flow_lib.AutoregressiveFlow(
+      student.cfg, student.num_tokens, student.token_dim)
+  return config, student, teacher_flow, params, z, labels
+
+
+def _primitives(jaxpr, out):
+  """(name, params) of every equation, recursing into sub-jaxprs."""
+  for eqn in jaxpr.eqns:
+    out.append((eqn.primitive.name, eqn.params))
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          _primitives(sub, out)
+  return out
+
+
+def _scan_lengths(fn, *args):
+  eqns = _primitives(jax.make_jaxpr(fn)(*args).jaxpr, [])
+  assert "while" not in {name for name, _ in eqns}
+  return [p["length"] for name, p in eqns if name == "scan"]
+
+
+def test_student_runs_one_pass_per_block(random_student):
+  config, student, teacher_flow, params, z, labels = random_student
+  student_lengths = _scan_lengths(
+      functools.partial(distill.student_decode, student), params, z, labels)
+  exact_lengths = _scan_lengths(
+      lambda p, z, l: teacher_flow.apply({"params": p}, z, l,
+                                         method="inverse"), params, z, labels)
+  # The student's only scans are nn.scan over each block's layers; the exact
+  # inverse (same params) has a scan over the N tokens in every block.
+  layers, blocks = config.model.af_layers_per_block, config.model.af_blocks
+  assert student_lengths == [layers] * blocks
+  assert exact_lengths.count(student.num_tokens) == blocks
+
+
+def test_student_has_the_teacher_flow_param_tree(random_student):
+  """So the student starts as a copy of the teacher's `params['flow']`."""
+  _, student, teacher_flow, _, z, labels = random_student
+  rng = {"params": jax.random.PRNGKey(0)}
+  shapes = lambda module: jax.tree.map(lambda a: a.shape, nn.meta.unbox(
+      jax.eval_shape(module.init, rng, z, labels)["params"]))
+  assert shapes(student) == shapes(teacher_flow)
+
+
+def test_student_attention_is_bidirectional(random_student):
+  """Block output token 1 moves when the last input token moves.
+
+  In the exact (causal) inverse of the same block it cannot: token 1 depends
+  only on tokens 0 and 1.
+  """
+  _, student, teacher_flow, params, z, labels = random_student
+  moved = z.at[:, -1].add(1.0)
+
+  @jax.jit
+  def both(y):
+    fast = student.apply({"params": params}, 0, y, labels,
+                         method=StudentDecoder.block_inverse)
+    exact = teacher_flow.apply(
+        {"params": params}, y, labels,
+        method=lambda m, y, l: m.blocks[0].inverse(y, l))
+    return fast, exact
+
+  (fast0, exact0), (fast1, exact1) = both(z), both(moved)
+  assert float(jnp.abs(fast1[:, 1] - fast0[:, 1]).max()) > 1e-3
+  np.testing.assert_array_equal(exact1[:, :-1], exact0[:, :-1])
+  np.testing.assert_array_equal(fast1[:, 0], fast0[:, 0])  # token 0 = y_0
+
+
+def _run_main(config_path, workdir, *overrides):
+  argv = ["main", f"--config={config_path}", f"--workdir={workdir}",
+          *overrides]
+  # config_flags reads `--config.*` overrides from sys.argv itself.
+  with mock.patch.object(sys, "argv", argv):
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(argv)
+    try:
+      main_lib.main(argv[:1])
+    finally:
+      flags.FLAGS.unparse_flags()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """Tiny teacher -> distil to DISTILL_STEPS / 2 -> resume via `main`."""
+  teacher_dir = str(tmp_path_factory.mktemp("teacher"))
+  student_dir = str(tmp_path_factory.mktemp("student"))
+  teacher_config = helpers.load_config("digits", "tiny")
+  teacher_config.update(dict(log_every=10, eval_every=1000,
+                             mesh_shape=(2, 4, 1)))
+  train.train_and_evaluate(teacher_config, teacher_dir,
+                           stop_at_step=TEACHER_STEPS)
+
+  overrides = dict(log_every=25, eval_every=DISTILL_STEPS, num_eval_batches=1,
+                   ckpt_every=DISTILL_STEPS // 2, mesh_shape=(2, 4, 1))
+  config = _config(**overrides)
+  config.distill.update(dict(teacher_workdir=teacher_dir,
+                             total_steps=DISTILL_STEPS))
+  init_eval = distill.distill_and_evaluate(config, student_dir,
+                                           stop_at_step=DISTILL_STEPS // 2)
+  _, stopped = distill.load_student(config, student_dir)
+  _run_main(os.path.join(helpers.REPO, "configs", "digits_distill.py:tiny"),
+            student_dir, f"--config.distill.teacher_workdir={teacher_dir}",
+            f"--config.distill.total_steps={DISTILL_STEPS}",
+            *(f"--config.{k}={v}".replace(" ", "")
+              for k, v in overrides.items()))
+  return config, teacher_dir, student_dir, init_eval, stopped
+
+
+@pytest.fixture(scope="module")
+def decoded(runs):
+  """Exact and student decodes of `F(x)` for one tiny test batch."""
+  config, _, student_dir, _, _ = runs
+  trainer, teacher = distill.load_teacher(config)
+  student, student_params = distill.load_student(config, student_dir)
+  batch = next(iter(input_pipeline.create_eval_iterator(
+      config, "test", process_index=0, process_count=1, num_batches=1)))
+  x = jnp.asarray(batch["image"], jnp.float32) / 127.5 - 1.0
+  labels = jnp.asarray(batch["label"])
+
+  @jax.jit
+  def decode(teacher, student_params):
+    model = trainer.model
+    z, _ = model.apply({"params": teacher}, x, labels, method=Farmer.encode)
+    exact = model.apply({"params": teacher}, z, labels, method=Farmer.decode)
+    return exact, distill.student_decode(student, student_params, z, labels)
+
+  return (x,) + decode(teacher, student_params)
+
+
+def test_distill_checkpoints_and_resumes_through_main(runs):
+  _, _, student_dir, init_eval, stopped = runs
+  steps = sorted(int(d) for d in os.listdir(
+      os.path.join(student_dir, "checkpoints")) if d.isdigit())
+  assert steps == [DISTILL_STEPS // 2, DISTILL_STEPS]
+  assert init_eval["num_images"] == 32  # the step-0 evaluation
+  assert os.path.exists(os.path.join(
+      student_dir, "images", f"student_reconstructions_{DISTILL_STEPS}.png"))
+
+
+def test_distillation_cuts_reconstruction_error(runs, decoded):
+  _, _, _, init_eval, _ = runs
+  x, _, fast = decoded
+  after = float(jnp.sqrt(jnp.mean(jnp.square(fast - x))))
+  # Same 32 test images, fixed seeds. The tiny student learns slowly (about
+  # 0.126 -> 0.074 in 100 steps, 0.06 after 300); digits: README table.
+  assert after < 0.75 * init_eval["recon_rmse"], (init_eval, after)
+
+
+def test_student_and_exact_decoder_agree_in_shape_and_range(decoded):
+  x, exact, fast = decoded
+  assert fast.shape == exact.shape == x.shape
+  assert fast.dtype == exact.dtype == jnp.float32
+  np.testing.assert_allclose(exact, x, atol=1e-4)  # the exact inverse
+  # Both in the pixel range [-1, 1]; the student (not clipped, like
+  # `Farmer.decode`) up to its error, which has a few large outliers.
+  assert float(jnp.mean(jnp.abs(fast) > 1.1)) < 0.05
+  assert float(jnp.mean(jnp.abs(fast - exact))) < 0.1
+
+
+def test_teacher_workdir_is_refused_as_the_students(runs):
+  config, teacher_dir, _, _, _ = runs
+  with pytest.raises(ValueError, match="own --workdir"):
+    distill.validate(config, teacher_dir)
