@@ -117,7 +117,7 @@ def main(argv) -> None:
           ("student (distilled)", fast, student_params))
   for name, fn, params in rows:
     rms, mx = _recon(fn, params, z, x, labels)
-    print(f"| {name} | {rms:.4f} | {mx:.4f} |")
+    print(f"| {name} | {rms:.3g} | {mx:.3g} |")
 
 
 if __name__ == "__main__":
