@@ -111,10 +111,10 @@ def device_name() -> str:
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-  """A markdown table; floats get 3 significant digits."""
+  """A markdown table; floats get 3 significant digits (no exponent >= 1)."""
   def fmt(v):
     if isinstance(v, float):
-      return f"{v:.3g}" if abs(v) < 1e4 else f"{v:,.0f}"
+      return f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
     return str(v)
   lines = ["| " + " | ".join(header) + " |",
            "|" + "|".join("---" for _ in header) + "|"]
