@@ -23,7 +23,8 @@ Run (a config with a `distill` section, e.g. configs/digits_distill.py):
       --workdir=workdirs/digits_student
 
 For sampling: `student, params = load_student(config, student_workdir)`,
-then `student_decode(student, params, z, labels)` replaces `Farmer.decode`.
+then `student_decode(student, params, z, labels)` replaces `Farmer.decode`
+(`load_decoder` bundles the two for `farmer_jax.sample --decoder=student`).
 """
 import functools
 import math
@@ -253,6 +254,21 @@ def load_student(config, workdir: str, step: Optional[int] = None):
   finally:
     ckpt.close()
   return student, state.params
+
+
+def load_decoder(workdir: str, run):
+  """The student as `farmer_jax.sample --decoder=student` uses it.
+
+  Args:
+    workdir: the student's workdir.
+    run: anything with the teacher's `config` (e.g. `inference.Run`).
+
+  Returns:
+    `(decode_fn, params)`, `decode_fn(params, z, labels) -> x` as
+    `student_decode`.
+  """
+  student, params = load_student(run.config, workdir)
+  return functools.partial(student_decode, student), params
 
 
 class Distiller:

@@ -9,6 +9,7 @@ teacher-weight initialisation; the student decodes like `Farmer.decode`.
 import functools
 import os
 import sys
+import types
 from unittest import mock
 
 from absl import flags
@@ -162,7 +163,9 @@ def decoded(runs):
   """Exact and student decodes of `F(x)` for one tiny test batch."""
   config, _, student_dir, _, _ = runs
   trainer, teacher = distill.load_teacher(config)
-  student, student_params = distill.load_student(config, student_dir)
+  # The sampler's entry (`sample --decoder=student`): any object with .config.
+  decode_fn, student_params = distill.load_decoder(
+      student_dir, types.SimpleNamespace(config=config))
   batch = next(iter(input_pipeline.create_eval_iterator(
       config, "test", process_index=0, process_count=1, num_batches=1)))
   x = jnp.asarray(batch["image"], jnp.float32) / 127.5 - 1.0
@@ -173,7 +176,7 @@ def decoded(runs):
     model = trainer.model
     z, _ = model.apply({"params": teacher}, x, labels, method=Farmer.encode)
     exact = model.apply({"params": teacher}, z, labels, method=Farmer.decode)
-    return exact, distill.student_decode(student, student_params, z, labels)
+    return exact, decode_fn(student_params, z, labels)
 
   return (x,) + decode(teacher, student_params)
 
