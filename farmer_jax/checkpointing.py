@@ -39,7 +39,9 @@ class Checkpointer:
   def __init__(self, workdir: str, config):
     self._config = config
     self._manager = ocp.CheckpointManager(
-        os.path.join(workdir, "checkpoints"),
+        # Orbax's TensorStore writer needs an absolute local path.
+        os.path.join(workdir if "://" in workdir else os.path.abspath(
+            workdir), "checkpoints"),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=config.keep_ckpts,
             enable_async_checkpointing=True,

@@ -32,7 +32,14 @@ def runs(tmp_path_factory):
   full = str(tmp_path_factory.mktemp("full"))
   sliced = str(tmp_path_factory.mktemp("sliced"))
   result = train.train_and_evaluate(config, full)
-  train.train_and_evaluate(config, sliced, stop_at_step=8)
+  # The sliced run gets a relative --workdir, as README's command does.
+  cwd = os.getcwd()
+  os.chdir(os.path.dirname(sliced))
+  try:
+    train.train_and_evaluate(config, os.path.basename(sliced),
+                             stop_at_step=8)
+  finally:
+    os.chdir(cwd)
   stopped = restore_params(config, sliced)
   train.train_and_evaluate(config, sliced)
   return config, full, sliced, result, stopped
