@@ -190,4 +190,26 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.num_grid_images = 4 if local else 64
   config.ckpt_every = 5 if local else 2_000
   config.keep_ckpts = 3
+
+  # Sampling (spec 6-7): the training run's sample grid at each evaluation,
+  # and the defaults of `farmer_jax.sample` / `farmer_jax.evaluate`.
+  config.sample = ml_collections.ConfigDict()
+  config.sample.cfg_scale = 1.0  # w; 0 = plain conditional sampling.
+  config.sample.guidance = "resample"  # 'resample'|'rejection'|'closed_form'|'none'
+  config.sample.num_candidates = 16  # s: candidates from p_c per AR step.
+  config.sample.num_uncond_candidates = 0  # s': candidates from p_u.
+  config.sample.logit_temp = 1.0
+  config.sample.scale_temp = 1.0
+  config.sample.denoise = False  # one Tweedie step with sigma = noise_min.
+  config.sample.num_grid_images = 4 if local else 64  # 0: no sample grid in training.
+  config.sample.num_eval_samples = 16 if local else 10_000  # for accuracy / Frechet distance.
+  config.sample.cfg_sweep = (0.0, 0.5, 1.0, 2.0, 4.0)  # w values of `evaluate --sweep`.
+
+  # Sample-quality classifier (farmer_jax/classifier.py), trained on the
+  # training split on first use and cached in <workdir>/classifier; 0 steps
+  # = none (ImageNet: FID with Inception weights is the measure there).
+  config.classifier = ml_collections.ConfigDict()
+  config.classifier.steps = 0
+  config.classifier.batch_size = 128
+  config.classifier.lr = 1e-3
   return config

@@ -21,6 +21,7 @@ PRIORS = ("farmer", "gaussian")
 DTYPES = ("float32", "bfloat16")
 NOISE_SCHEDULES = ("cosine", "constant", "uniform")
 SOURCES = ("mnist", "digits", "tfds", "folder")
+GUIDANCE_RULES = ("resample", "rejection", "closed_form", "none")
 CHANNELS = (1, 3)  # what input_pipeline.fit_image can produce.
 # The embedded datasets have 10 digit classes and only 'train' / 'test';
 # 'folder' has the same two splits (see input_pipeline).
@@ -168,9 +169,17 @@ _AT_LEAST = (
     ("keep_ckpts", 1, "the latest checkpoint must be kept to resume"),
     ("num_grid_images", 1, "the image grid needs an image"),
     ("data.worker_count", 0, "0 reads in-process"),
+    ("sample.cfg_scale", 0, "0 means no guidance"),
+    ("sample.num_candidates", 1, "resampling needs a candidate"),
+    ("sample.num_uncond_candidates", 0, "0 means candidates from p_c only"),
+    ("sample.num_grid_images", 0, "0 means no sample grid"),
+    ("sample.num_eval_samples", 0, "0 means no sample-quality metrics"),
+    ("classifier.steps", 0, "0 means no sample-quality classifier"),
+    ("classifier.batch_size", 1, "a batch needs an image"),
 )
 _POSITIVE = ("lr", "grad_clip", "model.scale_clip", "model.head_init_std",
-             "model.scale_floor")
+             "model.scale_floor", "sample.logit_temp", "sample.scale_temp",
+             "classifier.lr")
 # Fields in [0, 1) with a typical value: a probability that must leave some
 # labels, and decay rates.
 _UNIT_INTERVAL = (("model.label_drop", 0.1), ("ema_decay", 0.999),
@@ -181,6 +190,7 @@ _CHOICES = (
     ("model.channels", CHANNELS),
     ("noise_schedule", NOISE_SCHEDULES),
     ("data.source", SOURCES),
+    ("sample.guidance", GUIDANCE_RULES),
 )
 
 

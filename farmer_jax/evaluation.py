@@ -1,4 +1,4 @@
-"""Exact test bits/dim and image grids.
+"""Exact test bits/dim, sample quality and image grids.
 
 Test bits/dim uses uniform dequantisation (spec section 1) with a fixed RNG,
 so the number is reproducible; it is split into the flow log-det, the
@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from farmer_jax import classifier
+from farmer_jax import input_pipeline
 from farmer_jax import nll
 
 BIN_BITS = nll.LOG_BIN / math.log(2.0)
@@ -59,6 +61,32 @@ def evaluate_bpd(eval_fn, params, batches, rng) -> dict:
       per_image.setdefault(key, []).append(np.asarray(value))
     masks.append(to_host(batch["mask"]))
   return summarize(per_image, masks)
+
+
+def eval_batches(config, split: str, batch_sharding, num_batches: int):
+  """Global, masked eval batches of `split` (this host loads its share)."""
+  it = input_pipeline.create_eval_iterator(
+      config, split, process_index=jax.process_index(),
+      process_count=jax.process_count(), num_batches=num_batches)
+  for local in it:
+    yield input_pipeline.make_global_batch(local, batch_sharding)
+
+
+def sample_quality(images: np.ndarray, labels: np.ndarray, clf,
+                   real_features: np.ndarray) -> dict:
+  """Class accuracy and Fréchet distance of uint8 samples (classifier.py).
+
+  Args:
+    images: uint8 samples `[B, H, W, C]`.
+    labels: the classes they were sampled for, `[B]`.
+    clf: `(model, params)` of `classifier.load_or_train`.
+    real_features: classifier features of real images, `[M, F]`.
+  """
+  feats = classifier.features(*clf, images)
+  preds = classifier.predict(*clf, images)
+  return dict(accuracy=float(np.mean(preds == labels)),
+              frechet=classifier.frechet_distance(real_features, feats),
+              num_samples=int(len(images)))
 
 
 def to_host(tree):

@@ -66,7 +66,7 @@ _SPLIT_SEED = 0
 _MNIST_NUM_TRAIN = 4500
 _DIGITS_NUM_TRAIN = 1500
 _FOLDER_TEST_FRACTION = 0.1
-_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _NUM_BAD_PATHS_LOGGED = 5
 # In-memory sources are faster without reader threads (Grain's advice: GIL
 # contention); file-backed sources decode images (PIL releases the GIL), so
@@ -272,7 +272,7 @@ def _list_images(class_root: str, class_names: list[str]):
     if not os.path.isdir(class_dir):  # e.g. a class missing from 'test'.
       continue
     names = sorted(n for n in os.listdir(class_dir)
-                   if n.lower().endswith(_IMAGE_EXTENSIONS))
+                   if n.lower().endswith(IMAGE_EXTENSIONS))
     pairs.extend((os.path.join(class_dir, n), label) for n in names)
   return pairs
 
@@ -343,7 +343,7 @@ def _folder_source(config, split: str) -> FolderSource:
   if not paths:
     raise ValueError(
         f"config.data.folder={folder!r} has no readable "
-        f"{'/'.join(_IMAGE_EXTENSIONS)} images for split {split!r} in its "
+        f"{'/'.join(IMAGE_EXTENSIONS)} images for split {split!r} in its "
         f"class sub-folders {class_names}.")
   if len(class_names) > config.model.num_classes:
     raise ValueError(

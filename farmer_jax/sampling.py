@@ -45,15 +45,14 @@ caller jits it with sharded `labels`.
 """
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
+from farmer_jax.config_lib import GUIDANCE_RULES
 from farmer_jax.models import Farmer
 from farmer_jax.models import gmm
-
-GUIDANCE_RULES = ("resample", "rejection", "closed_form", "none")
 
 # Half-width, in proposal stds, of the window on which the 'rejection' rule
 # bounds its density ratio; proposal mass outside it is ~2e-9.
@@ -386,7 +385,8 @@ def tweedie_denoise(model: Farmer, params: Any, x: jax.Array,
 
 def sample_images(model: Farmer, params: Any, rng: jax.Array,
                   labels: jax.Array, *, denoise_sigma: float = 0.0,
-                  **kwargs) -> jax.Array:
+                  decode_fn: Optional[Callable] = None,
+                  decoder_variables: Any = None, **kwargs) -> jax.Array:
   """Samples images `[B, H, W, C]` in `[-1, 1]` (spec section 6).
 
   Args:
@@ -396,13 +396,19 @@ def sample_images(model: Farmer, params: Any, rng: jax.Array,
     labels: `[B]` int.
     denoise_sigma: if > 0, one Tweedie step with this noise std before
       clipping.
+    decode_fn: `decode_fn(decoder_variables, z, labels) -> x` in place of
+      the exact flow inverse (the distilled one-step student, spec 8).
+    decoder_variables: the variables `decode_fn` takes.
     **kwargs: options of `sample_latents`.
 
   Returns:
     float32 images clipped to `[-1, 1]`.
   """
   z = sample_latents(model, params, rng, labels, **kwargs)
-  x = model.apply(params, z, labels, method=Farmer.decode)
+  if decode_fn is None:
+    x = model.apply(params, z, labels, method=Farmer.decode)
+  else:
+    x = decode_fn(decoder_variables, z, labels)
   if denoise_sigma > 0:
     x = tweedie_denoise(model, params, x, labels, denoise_sigma)
   return jnp.clip(x, -1.0, 1.0)

@@ -25,6 +25,7 @@ import optax
 from farmer_jax import checkpointing
 from farmer_jax import config_lib
 from farmer_jax import evaluation
+from farmer_jax import inference
 from farmer_jax import input_pipeline
 from farmer_jax import nll
 from farmer_jax import sharding
@@ -203,12 +204,9 @@ class Trainer:
       return self.init_fn(), data_iter
 
   def eval_batches(self):
-    it = input_pipeline.create_eval_iterator(
-        self.config, self.config.data.eval_split,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        num_batches=self.config.num_eval_batches)
-    for local in it:
-      yield input_pipeline.make_global_batch(local, self.batch_sharding)
+    return evaluation.eval_batches(self.config, self.config.data.eval_split,
+                                   self.batch_sharding,
+                                   self.config.num_eval_batches)
 
   def evaluate(self, state, writer, step: int) -> dict:
     """Exact test bits/dim on EMA params + a reconstruction grid."""
@@ -232,6 +230,24 @@ class Trainer:
       evaluation.save_png(grid, os.path.join(self.workdir, "images",
                                              f"reconstructions_{step}.png"))
     writer.write_images(step, {"reconstructions": grid[None]})
+    n = self.config.sample.num_grid_images
+    if n:
+      self.write_samples(state, writer, step, n)
+
+  def write_samples(self, state, writer, step: int, n: int) -> None:
+    """Class-conditional samples (config.sample), one class per column."""
+    run = inference.Run(self.config, self.model,
+                        {"params": state.ema_params}, step, self.mesh,
+                        self.workdir)
+    classes = max(self.config.model.num_classes, 1)
+    images = inference.generate(run, np.arange(n) % classes,
+                                seed=self.config.seed,
+                                denoise=self.config.sample.denoise)
+    grid = evaluation.make_grid(images, ncol=min(classes, n))
+    if jax.process_index() == 0:
+      evaluation.save_png(grid, os.path.join(self.workdir, "images",
+                                             f"samples_{step}.png"))
+    writer.write_images(step, {"samples": grid[None]})
 
 
 def _check_finite(metrics: dict, step: int, limit: int) -> None:
@@ -278,6 +294,8 @@ def train_and_evaluate(config, workdir: str, *,
       config, process_index=jax.process_index(),
       process_count=jax.process_count())
   state, data_iter = trainer.restore_or_init(data_iter)
+  # After the restore: a workdir of another model keeps its own config.
+  inference.save_config(config, workdir)  # for sample / evaluate / score
   first_step = int(state.step)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)

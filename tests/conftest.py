@@ -7,3 +7,12 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # TensorFlow (pulled in by clu / tfds) must not grab threads or print noise.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory):
+  """A tiny digits run trained for a few hundred steps (tests/helpers.py)."""
+  import helpers  # pylint: disable=g-import-not-at-top
+  return helpers.trained_tiny_workdir(tmp_path_factory)

@@ -8,6 +8,7 @@ teacher-weight initialisation; the student decodes like `Farmer.decode`.
 """
 import functools
 import os
+import subprocess
 import sys
 import types
 from unittest import mock
@@ -215,3 +216,21 @@ def test_teacher_workdir_is_refused_as_the_students(runs):
   config, teacher_dir, _, _, _ = runs
   with pytest.raises(ValueError, match="own --workdir"):
     distill.validate(config, teacher_dir)
+
+
+def test_sample_cli_with_the_student_decoder(runs, tmp_path):
+  """`farmer_jax.sample --decoder=student` end to end, on another mesh."""
+  _, teacher_dir, student_dir, _, _ = runs
+  out = str(tmp_path / "student.png")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.run(
+      [sys.executable, "-m", "farmer_jax.sample", f"--workdir={teacher_dir}",
+       "--decoder=student", f"--student_workdir={student_dir}",
+       "--num_samples=4", "--cfg_scale=1", "--num_candidates=2",
+       f"--out={out}"], cwd=helpers.REPO, env=env, capture_output=True,
+      text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  images = np.load(str(tmp_path / "student.npz"))["images"]
+  assert images.shape == (4, 8, 8, 1) and images.dtype == np.uint8
+  assert images.std() > 5

@@ -1,0 +1,178 @@
+"""A small CNN classifier for offline sample quality (no downloads).
+
+Trained on the run's own training split (`config.classifier`), it gives
+(a) the class accuracy of class-conditional samples and (b) a Fréchet
+distance between real and generated images in its penultimate feature
+space — FID's recipe with a network that can be trained here. Numbers are
+comparable between runs on the same dataset and classifier, not with
+published FIDs.
+
+The weights are cached in `<workdir>/classifier/` (flax msgpack + a JSON
+with the training steps and test accuracy), trained on first use.
+"""
+import functools
+import json
+import os
+from typing import Any, Tuple
+
+from absl import logging
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from farmer_jax import input_pipeline
+
+_DIR = "classifier"
+# Training-time noise (in [-1, 1] units): samples are never exactly on the
+# 8-bit grid, so the classifier should not rely on clean pixels.
+_TRAIN_NOISE = 0.05
+
+
+class CNN(nn.Module):
+  """uint8 images `[B, H, W, C]` -> `(logits [B, K], features [B, 128])`."""
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, images):
+    x = images.astype(jnp.float32) / 127.5 - 1.0
+    for width, stride in ((32, 1), (64, 2), (128, 2)):
+      x = nn.relu(nn.Conv(width, (3, 3), strides=stride)(x))
+    features = nn.relu(nn.Dense(128)(jnp.mean(x, axis=(1, 2))))
+    return nn.Dense(self.num_classes)(features), features
+
+
+def _single_host(config, batch_size: int) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.batch_size = batch_size
+  config.eval_batch_size = batch_size
+  return config
+
+
+def _train(config, rng) -> Tuple[Any, float]:
+  """Trains on config.data.train_split; returns (params, test accuracy)."""
+  cc = config.classifier
+  model = CNN(config.model.num_classes)
+  data_config = _single_host(config, cc.batch_size)
+  data = input_pipeline.create_train_iterator(data_config, process_index=0,
+                                              process_count=1)
+  s, c = config.model.image_size, config.model.channels
+  params = model.init(rng, jnp.zeros((1, s, s, c), jnp.uint8))["params"]
+  tx = optax.adam(optax.cosine_decay_schedule(cc.lr, cc.steps))
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, batch, rng):
+    noise = _TRAIN_NOISE * 127.5 * jax.random.normal(rng, batch["image"].shape)
+    images = batch["image"].astype(jnp.float32) + noise
+
+    def loss_fn(params):
+      logits, _ = model.apply({"params": params}, images)
+      return optax.softmax_cross_entropy_with_integer_labels(
+          logits, batch["label"]).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  for i in range(cc.steps):
+    params, opt_state, loss = step(params, opt_state, next(data),
+                                   jax.random.fold_in(rng, i))
+    if (i + 1) % 500 == 0 or i + 1 == cc.steps:
+      logging.info("classifier step %d/%d: loss %.4f", i + 1, cc.steps,
+                   float(loss))
+  images, labels = real_images(data_config, config.data.eval_split)
+  acc = float(np.mean(predict(model, params, images) == labels))
+  return params, acc
+
+
+def real_images(config, split: str, limit: int = -1):
+  """All (or `limit`) real images of `split` as uint8 arrays + labels."""
+  source = input_pipeline.get_source(config, split)
+  n = len(source) if limit < 0 else min(limit, len(source))
+  examples = [source[i] for i in range(n)]
+  return (np.stack([e["image"] for e in examples]),
+          np.asarray([e["label"] for e in examples], np.int32))
+
+
+def load_or_train(config, workdir: str):
+  """The cached classifier of `workdir`, trained first if missing.
+
+  Returns:
+    `(model, params, info)`; info has `steps` and `test_accuracy`.
+  """
+  if config.classifier.steps <= 0 or config.model.num_classes < 2:
+    raise ValueError(
+        "No sample-quality classifier for this config: it needs "
+        "config.classifier.steps > 0 and config.model.num_classes >= 2.")
+  model = CNN(config.model.num_classes)
+  path = os.path.join(workdir, _DIR)
+  weights, meta = os.path.join(path, "params.msgpack"), os.path.join(
+      path, "info.json")
+  if os.path.exists(meta):
+    with open(meta) as f:
+      info = json.load(f)
+    if info["steps"] == config.classifier.steps:
+      s, c = config.model.image_size, config.model.channels
+      template = model.init(jax.random.PRNGKey(0),
+                            jnp.zeros((1, s, s, c), jnp.uint8))["params"]
+      with open(weights, "rb") as f:
+        params = flax.serialization.from_bytes(template, f.read())
+      return model, params, info
+  logging.info("Training the sample-quality classifier (%d steps)...",
+               config.classifier.steps)
+  params, acc = _train(config, jax.random.PRNGKey(config.seed + 7))
+  info = dict(steps=int(config.classifier.steps), test_accuracy=acc)
+  logging.info("Classifier test accuracy: %.4f", acc)
+  if jax.process_index() == 0:
+    os.makedirs(path, exist_ok=True)
+    with open(weights, "wb") as f:
+      f.write(flax.serialization.to_bytes(params))
+    with open(meta, "w") as f:  # written last: marks the cache complete
+      json.dump(info, f)
+  return model, params, info
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(model, params, images):
+  return model.apply({"params": params}, images)
+
+
+def _batched(model, params, images, batch: int = 500):
+  outs = [_apply(model, params, images[i:i + batch])
+          for i in range(0, len(images), batch)]
+  return (np.concatenate([np.asarray(o[0]) for o in outs]),
+          np.concatenate([np.asarray(o[1]) for o in outs]))
+
+
+def predict(model, params, images: np.ndarray) -> np.ndarray:
+  """uint8 images -> predicted class `[B]`."""
+  return _batched(model, params, images)[0].argmax(-1)
+
+
+def features(model, params, images: np.ndarray) -> np.ndarray:
+  """uint8 images -> penultimate features `[B, 128]`, float64."""
+  return _batched(model, params, images)[1].astype(np.float64)
+
+
+def _sqrtm_psd(a: np.ndarray) -> np.ndarray:
+  w, v = np.linalg.eigh((a + a.T) / 2)
+  return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
+  """`|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^{1/2})` (FID's formula).
+
+  The cross term uses `tr((S_a^{1/2} S_b S_a^{1/2})^{1/2})`, a symmetric PSD
+  form with the same trace, computed from eigenvalues.
+  """
+  mu_a, mu_b = feats_a.mean(0), feats_b.mean(0)
+  s_a, s_b = np.cov(feats_a, rowvar=False), np.cov(feats_b, rowvar=False)
+  root_a = _sqrtm_psd(s_a)
+  cross = np.linalg.eigvalsh(root_a @ s_b @ root_a)
+  tr_cross = np.sum(np.sqrt(np.clip(cross, 0, None)))
+  return float(np.sum((mu_a - mu_b) ** 2) + np.trace(s_a) + np.trace(s_b)
+               - 2 * tr_cross)
