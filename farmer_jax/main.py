@@ -3,8 +3,8 @@ r"""Entry point: `python -m farmer_jax.main --config=configs/x.py --workdir=W`.
 Thin by design: flags, multi-process initialisation, logging, then
 `train.train_and_evaluate` (or `distill.distill_and_evaluate` for a config
 with a `distill` section, e.g. configs/digits_distill.py). Multi-process: on
-TPU pods `jax.distributed` initialises itself from the environment
-(auto-detected); elsewhere pass
+TPU pods pass `--distributed` (launch/run.sh does) and `jax.distributed`
+detects the slice itself; elsewhere pass
 `--coordinator_address=host:port --num_processes=N --process_id=i` (or the
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables).
 """
@@ -30,6 +30,12 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", int(os.environ.get("JAX_PROCESS_ID", "-1")) if
     os.environ.get("JAX_PROCESS_ID") else None, "This process's index.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", os.environ.get("JAX_DISTRIBUTED", "") == "1",
+    "Call jax.distributed.initialize() with its automatic cluster detection "
+    "(Cloud TPU slices, Slurm, Open MPI). launch/run.sh passes it on every "
+    "TPU worker; JAX's docs ask for it on multi-host TPU (it also backs "
+    "Orbax's multi-host checkpointing).")
 _CPU_COLLECTIVES = flags.DEFINE_string(
     "cpu_collectives", "gloo", "CPU collectives for multi-process CPU runs.")
 _STOP_AT_STEP = flags.DEFINE_integer(
@@ -47,8 +53,9 @@ def _initialize_distributed() -> None:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
-  elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get(
-      "CLOUD_TPU_TASK_ID") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+  elif _DISTRIBUTED.value or os.environ.get("TPU_WORKER_HOSTNAMES") or (
+      os.environ.get("CLOUD_TPU_TASK_ID")) or os.environ.get(
+          "MEGASCALE_COORDINATOR_ADDRESS"):
     jax.distributed.initialize()  # TPU pod: everything from the environment
 
 

@@ -67,7 +67,7 @@ if [ -f "$logs/farmer.pid" ] && kill -0 "$(cat "$logs/farmer.pid")" 2>/dev/null;
 EOF
 )"
 
-trainer=(-m farmer_jax.main --config="$CONFIG" --workdir="$WORKDIR"
+trainer=(-m farmer_jax.main --config="$CONFIG" --workdir="$WORKDIR" --distributed
   ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"})
 tpu_ssh all "$(remote_script "$logs" "dir=$(remote_path "$REMOTE_DIR")" \
   "python=$(remote_path "$VENV_DIR")/bin/python" "set -- $(quote_words "${trainer[@]}")" <<'EOF'

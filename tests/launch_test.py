@@ -260,7 +260,7 @@ def test_run_starts_trainer_on_all_workers(env):
     assert "already running" in remote_command(check)
     command = remote_command(start)
     assert (f"set -- -m farmer_jax.main --config={CONFIG} --workdir=gs://bucket/run"
-            " --config.total_steps=10;") in command
+            " --distributed --config.total_steps=10;") in command
     assert "nohup setsid" in command and '"$python" "$@"' in command
 
 
@@ -352,7 +352,7 @@ def test_run_logs_stop_on_a_fake_worker(worker):
     _wait_for(remote / "farmer_logs" / "farmer.pid")
     assert (remote / "trainer_args.txt").read_text().splitlines() == [
         "-m", "farmer_jax.main", f"--config={CONFIG}", "--workdir=gs://bucket/run",
-        "--config.name=it's mine"]
+        "--distributed", "--config.name=it's mine"]
     assert (remote / "trainer_cwd.txt").read_text().strip() == str(remote / "farmer_jax")
     pid = int((remote / "farmer_logs" / "farmer.pid").read_text())
     assert _running(pid) and os.getpgid(pid) == pid
