@@ -15,6 +15,10 @@ Restores the latest checkpoint's EMA parameters (or `--step`) and reports:
 * with `--sweep`, the same at every `w` of `config.sample.cfg_sweep`: a
   CSV table and a plot (accuracy and Fréchet distance vs `w`).
 Writes `<workdir>/eval/<step>.json` (and `cfg_sweep_<step>.csv/.png`).
+`--student_workdir=S` decodes the samples with the distilled one-step
+student (farmer_jax.distill) instead of the exact inverse, on the same
+latents (same seeds), and writes `<step>_student.json`: run it with and
+without to see the student's quality cost.
 ImageNet configs have no classifier (`classifier.steps = 0`): sample
 quality is skipped and says so; FID needs Inception-v3 weights, which this
 project does not load (see README).
@@ -53,6 +57,9 @@ def define_flags() -> None:
                     "cfg_sweep: table + plot.")
   flags.DEFINE_integer("batch_size", 250, "Samples per jitted call.")
   flags.DEFINE_integer("seed", 0, "Sampling and dequantisation seed.")
+  flags.DEFINE_string("student_workdir", None, "Decode samples with the "
+                      "distilled student of this workdir (farmer_jax.distill) "
+                      "instead of the exact inverse; same latents and seeds.")
   flags.mark_flags_as_required(["workdir"])
 
 
@@ -67,14 +74,15 @@ def exact_bpd(run, split: str, seed: int) -> dict:
 
 
 def sample_quality_at(run, clf, real_features, cfg_scales, num_samples: int,
-                      seed: int, batch_size: int) -> list:
+                      seed: int, batch_size: int, decoder=None) -> list:
   """`evaluation.sample_quality` of `num_samples` samples at each `w`."""
   labels = np.arange(num_samples) % run.config.model.num_classes
   rows = []
   for w in cfg_scales:
     images = inference.generate(run, labels, seed, batch_size=batch_size,
                                 denoise=run.config.sample.denoise,
-                                progress=True, cfg_scale=float(w))
+                                decoder=decoder, progress=True,
+                                cfg_scale=float(w))
     rows.append(dict(cfg_scale=float(w), **evaluation.sample_quality(
         images, labels, clf, real_features)))
     logging.info("w=%g: %s", w, rows[-1])
@@ -103,12 +111,24 @@ def write_sweep(rows: list, path_prefix: str) -> None:
 
 def evaluate(workdir: str, *, step=None, split=None, num_samples=None,
              cfg_scale=None, sweep: bool = False, batch_size: int = 250,
-             seed: int = 0) -> dict:
-  """Everything the CLI reports, as a dict (also written as JSON)."""
+             seed: int = 0, student_workdir=None) -> dict:
+  """Everything the CLI reports, as a dict (also written as JSON).
+
+  With `student_workdir`, samples are decoded by the distilled one-step
+  student instead of the exact inverse: same seeds, so the same latents,
+  and the JSON goes to `eval/<step>_student.json`.
+  """
   run = inference.restore(workdir, step)
+  decoder = None
+  if student_workdir:
+    from farmer_jax import distill  # pylint: disable=g-import-not-at-top
+    decoder = distill.load_decoder(student_workdir, run)
   config = run.config
   split = split or config.data.eval_split
-  result = dict(step=run.step, split=split, **exact_bpd(run, split, seed))
+  result = dict(step=run.step, split=split,
+                decoder="student" if decoder else "exact",
+                **exact_bpd(run, split, seed))
+  suffix = "_student" if decoder else ""
   os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
   n = config.sample.num_eval_samples if num_samples is None else num_samples
   if n <= 0:
@@ -127,7 +147,7 @@ def evaluate(workdir: str, *, step=None, split=None, num_samples=None,
     w = config.sample.cfg_scale if cfg_scale is None else cfg_scale
     scales = sorted(set(config.sample.cfg_sweep) | {w}) if sweep else [w]
     rows = sample_quality_at(run, clf, real_feats, scales, n, seed,
-                             batch_size)
+                             batch_size, decoder)
     result["samples"] = dict(next(r for r in rows if r["cfg_scale"] == w))
     result["samples"]["classifier_test_accuracy"] = info["test_accuracy"]
     result["samples"]["frechet_real_train_vs_split"] = (
@@ -135,8 +155,10 @@ def evaluate(workdir: str, *, step=None, split=None, num_samples=None,
                                     classifier.features(*clf, train_real)))
     if sweep:
       result["cfg_sweep"] = rows
-      write_sweep(rows, os.path.join(workdir, "eval", f"cfg_sweep_{run.step}"))
-  with open(os.path.join(workdir, "eval", f"{run.step}.json"), "w") as f:
+      write_sweep(rows, os.path.join(workdir, "eval",
+                                     f"cfg_sweep_{run.step}{suffix}"))
+  with open(os.path.join(workdir, "eval", f"{run.step}{suffix}.json"),
+            "w") as f:
     json.dump(result, f, indent=2)
   return result
 
@@ -147,7 +169,7 @@ def main(argv) -> None:
   result = evaluate(FLAGS.workdir, step=FLAGS.step, split=FLAGS.split,
                     num_samples=FLAGS.num_samples, cfg_scale=FLAGS.cfg_scale,
                     sweep=FLAGS.sweep, batch_size=FLAGS.batch_size,
-                    seed=FLAGS.seed)
+                    seed=FLAGS.seed, student_workdir=FLAGS.student_workdir)
   print(json.dumps(result))
 
 

@@ -22,6 +22,7 @@ import pytest
 
 import helpers
 from farmer_jax import distill
+from farmer_jax import evaluate
 from farmer_jax import input_pipeline
 from farmer_jax import main as main_lib
 from farmer_jax import train
@@ -234,3 +235,19 @@ def test_sample_cli_with_the_student_decoder(runs, tmp_path):
   images = np.load(str(tmp_path / "student.npz"))["images"]
   assert images.shape == (4, 8, 8, 1) and images.dtype == np.uint8
   assert images.std() > 5
+
+
+def test_evaluate_compares_student_and_exact_on_the_same_latents(runs):
+  _, teacher_dir, student_dir, _, _ = runs
+  exact = evaluate.evaluate(teacher_dir, num_samples=20, batch_size=20)
+  fast = evaluate.evaluate(teacher_dir, num_samples=20, batch_size=20,
+                           student_workdir=student_dir)
+  assert exact["decoder"] == "exact" and fast["decoder"] == "student"
+  assert fast["bpd"] == exact["bpd"]  # the likelihood does not use G
+  for result in (exact, fast):
+    assert 0 <= result["samples"]["accuracy"] <= 1
+    assert np.isfinite(result["samples"]["frechet"])
+  # Different decoders of the same latents: close, not identical, samples.
+  assert fast["samples"]["frechet"] != exact["samples"]["frechet"]
+  assert os.path.exists(os.path.join(teacher_dir, "eval",
+                                     f"{exact['step']}_student.json"))
