@@ -196,7 +196,11 @@ def generate(run: Run, labels: Sequence[int], seed: int, *,
     with sharding.context(run.mesh, run.config):
       images = fn(run.variables, decoder_variables,
                   jax.random.fold_in(rng, i),
-                  jax.device_put(padded, run.batch_sharding))
+                  # Every host holds all labels and supplies its shards
+                  # (also right when the mesh spans several hosts).
+                  jax.make_array_from_callback(
+                      padded.shape, run.batch_sharding,
+                      lambda index, a=padded: a[index]))
     out.append(evaluation.to_host(images)[:len(chunk)])  # all hosts
     if progress:
       done = start + len(chunk)

@@ -158,7 +158,9 @@ def test_two_processes_train_like_one_and_resume_on_one(tmp_path):
     procs = [start(f"process_{i}", _main(
         two, "(4,1,1)", f"--stop_at_step={STOP}",
         f"--coordinator_address={address}", "--num_processes=2",
-        f"--process_id={i}"), 2) for i in range(2)]
+        f"--process_id={i}",
+        # A sample grid too: sampling's inputs and outputs span both hosts.
+        "--config.sample.num_grid_images=4"), 2) for i in range(2)]
     procs.append(start("one_process", _main(one, "(1,4,1)"), 4, cache))
     _wait_all(procs)
 
@@ -166,8 +168,8 @@ def test_two_processes_train_like_one_and_resume_on_one(tmp_path):
     # images; every process wrote its data iterator state.
     (events,) = glob.glob(os.path.join(two, "events.out.*"))
     assert f".{procs[0].pid}." in os.path.basename(events), events
-    assert os.listdir(os.path.join(two, "images")) == [
-        f"reconstructions_{STOP}.png"]
+    assert sorted(os.listdir(os.path.join(two, "images"))) == [
+        f"reconstructions_{STOP}.png", f"samples_{STOP}.png"]
     iter_dir = os.path.join(two, "checkpoints", str(STOP), "data_iter")
     assert sorted(f for f in os.listdir(iter_dir) if f.endswith(".json")) == [
         "process_0-of-2.json", "process_1-of-2.json"]
