@@ -29,8 +29,6 @@ from farmer_jax import sharding
 from farmer_jax.models import Farmer
 
 CONFIG_FILE = "config.json"
-# Config fields that are tuples; JSON turns them into lists.
-_TUPLE_FIELDS = ("mesh_shape", "logical_axis_rules")
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -45,6 +43,9 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def _tuples(value):
+  """JSON lists back to the tuples configs use (configs hold no lists)."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
   return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
@@ -59,10 +60,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         "config.json existed.")
   with open(path) as f:
     raw = json.load(f)
-  for field in _TUPLE_FIELDS:
-    raw[field] = _tuples(raw[field])
-  raw["sample"]["cfg_sweep"] = tuple(raw["sample"]["cfg_sweep"])
-  return ml_collections.ConfigDict(raw)
+  return ml_collections.ConfigDict(_tuples(raw))
 
 
 @dataclasses.dataclass

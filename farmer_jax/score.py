@@ -148,7 +148,7 @@ def score_files(run, files: List[str], **kwargs) -> List[dict]:
   for path in files:
     try:
       good.append((path, load_image(path, size, channels)))
-    except (ValueError, FileNotFoundError, IsADirectoryError) as e:
+    except ValueError as e:  # load_image turns OSErrors into these
       rows.append(dict(file=path, bits_per_dim=None, error=str(e)))
   if good:
     scores = score_images(run, np.stack([g[1] for g in good]), **kwargs)

@@ -164,3 +164,11 @@ def test_fit_mesh_keeps_a_fitting_mesh_and_replaces_one_that_does_not():
   config.mesh_shape = (16, 1, 1)  # e.g. trained on a 16-chip slice
   assert tuple(inference.fit_mesh(config, 8).mesh_shape) == (-1, 1, 1)
   assert tuple(config.mesh_shape) == (16, 1, 1)  # the caller's is untouched
+
+
+def test_saved_config_round_trips_exactly(tmp_path):
+  """config.json gives back the run's config, tuples included."""
+  config = helpers.load_config("digits", "tiny")
+  config.debug_nonfinite_steps = (3, 4)
+  inference.save_config(config, str(tmp_path))
+  assert inference.load_config(str(tmp_path)).to_dict() == config.to_dict()
