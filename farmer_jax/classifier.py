@@ -164,13 +164,17 @@ def _sqrtm_psd(a: np.ndarray) -> np.ndarray:
 
 
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
-  """`|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^{1/2})` (FID's formula).
+  """FID's formula between the Gaussians fitted to two feature sets."""
+  return frechet_from_stats(feats_a.mean(0), np.cov(feats_a, rowvar=False),
+                            feats_b.mean(0), np.cov(feats_b, rowvar=False))
+
+
+def frechet_from_stats(mu_a, s_a, mu_b, s_b) -> float:
+  """`|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^{1/2})`.
 
   The cross term uses `tr((S_a^{1/2} S_b S_a^{1/2})^{1/2})`, a symmetric PSD
-  form with the same trace, computed from eigenvalues.
+  form with the same trace, computed from eigenvalues (no scipy needed).
   """
-  mu_a, mu_b = feats_a.mean(0), feats_b.mean(0)
-  s_a, s_b = np.cov(feats_a, rowvar=False), np.cov(feats_b, rowvar=False)
   root_a = _sqrtm_psd(s_a)
   cross = np.linalg.eigvalsh(root_a @ s_b @ root_a)
   tr_cross = np.sum(np.sqrt(np.clip(cross, 0, None)))

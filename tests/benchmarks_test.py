@@ -23,6 +23,8 @@ SMALLEST = {
     "sampling_speed.py": (["--batch_sizes=2", "--size=XS", "--repeats=1"],
                           ["AR decoding (latents)", "flow inverse"]),
     "memory.py": (["--batch_sizes=8", "--size=XS"], ["8"]),
+    "inception_speed.py": (["--batch_sizes=1", "--image_size=8",
+                            "--repeats=1"], ["1"]),
 }
 
 
