@@ -147,4 +147,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.classifier.steps = 2000
   config.classifier.batch_size = 128
   config.classifier.lr = 1e-3
+
+  # FID / Inception Score with Inception-v3 (farmer_jax/inception.py) at
+  # evaluation; the .npz comes from `python -m farmer_jax.inception
+  # --out=PATH` (README "FID and IS"). '' skips them.
+  config.inception = ml_collections.ConfigDict()
+  config.inception.weights = ""
+  config.inception.num_real = -1  # real images of the split for the reference (-1: all).
+  config.inception.reference_split = ""  # real side of FID; "": the evaluated split.
+  config.inception.batch_size = 100
   return config

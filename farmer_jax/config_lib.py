@@ -176,6 +176,7 @@ _AT_LEAST = (
     ("sample.num_eval_samples", 0, "0 means no sample-quality metrics"),
     ("classifier.steps", 0, "0 means no sample-quality classifier"),
     ("classifier.batch_size", 1, "a batch needs an image"),
+    ("inception.batch_size", 1, "a batch needs an image"),
 )
 _POSITIVE = ("lr", "grad_clip", "model.scale_clip", "model.head_init_std",
              "model.scale_floor", "sample.logit_temp", "sample.scale_temp",
@@ -206,6 +207,15 @@ def _check_scalars(config) -> None:
     value = _get(config, field)
     _require(value >= low, f"config.{field}={value!r} must be >= {low} "
              f"({why}); set config.{field} to {low} or more.")
+  num_real = config.inception.num_real
+  _require(num_real == -1 or num_real >= 2,
+           f"config.inception.num_real={num_real!r}: FID needs at least 2 "
+           "real images; set it to -1 (the whole split) or >= 2.")
+  weights = config.inception.weights
+  _require(not weights or os.path.isfile(weights),
+           f"config.inception.weights={weights!r} is not a file; make it with "
+           "`python -m farmer_jax.inception --out=PATH` or set it to '' (no "
+           "FID / IS).")
   for field in _POSITIVE:
     value = _get(config, field)
     _require(value > 0, f"config.{field}={value!r} must be > 0; set "

@@ -19,9 +19,13 @@ Writes `<workdir>/eval/<step>.json` (and `cfg_sweep_<step>.csv/.png`).
 student (farmer_jax.distill) instead of the exact inverse, on the same
 latents (same seeds), and writes `<step>_student.json`: run it with and
 without to see the student's quality cost.
-ImageNet configs have no classifier (`classifier.steps = 0`): sample
-quality is skipped and says so; FID needs Inception-v3 weights, which this
-project does not load (see README).
+* FID (and the Inception Score, if the weights have the output layer)
+  with Inception-v3 (farmer_jax/inception.py) when `config.inception.
+  weights` or `--inception_weights` names the `.npz` made by
+  `python -m farmer_jax.inception`; the real side is `config.inception.
+  num_real` images of the split (cached in `<workdir>/inception/`).
+ImageNet configs have no classifier (`classifier.steps = 0`); without
+Inception weights the sample metrics are skipped and the JSON says why.
 """
 import functools
 import json
@@ -36,7 +40,9 @@ import numpy as np
 
 from farmer_jax import classifier
 from farmer_jax import evaluation
+from farmer_jax import inception
 from farmer_jax import inference
+from farmer_jax import input_pipeline
 from farmer_jax import sharding
 from farmer_jax import train
 
@@ -60,6 +66,9 @@ def define_flags() -> None:
   flags.DEFINE_string("student_workdir", None, "Decode samples with the "
                       "distilled student of this workdir (farmer_jax.distill) "
                       "instead of the exact inverse; same latents and seeds.")
+  flags.DEFINE_string("inception_weights", None, "FID / IS Inception-v3 "
+                      ".npz (default: config.inception.weights; '' skips). "
+                      "Make it with `python -m farmer_jax.inception`.")
   flags.mark_flags_as_required(["workdir"])
 
 
@@ -74,56 +83,112 @@ def exact_bpd(run, split: str, seed: int) -> dict:
 
 
 def sample_quality_at(run, clf, real_features, cfg_scales, num_samples: int,
-                      seed: int, batch_size: int, decoder=None) -> list:
-  """`evaluation.sample_quality` of `num_samples` samples at each `w`."""
-  labels = np.arange(num_samples) % run.config.model.num_classes
+                      seed: int, batch_size: int, decoder=None,
+                      inception_eval=None, inception_ref=None) -> list:
+  """Sample-quality metrics of `num_samples` samples at each `w`.
+
+  `clf` + `real_features` give class accuracy and the classifier Fréchet
+  distance (`evaluation.sample_quality`); `inception_eval` +
+  `inception_ref` (mu, sigma) give FID and, with logits, IS. Either may be
+  None.
+  """
+  labels = np.arange(num_samples) % max(run.config.model.num_classes, 1)
   rows = []
   for w in cfg_scales:
     images = inference.generate(run, labels, seed, batch_size=batch_size,
                                 denoise=run.config.sample.denoise,
                                 decoder=decoder, progress=True,
                                 cfg_scale=float(w))
-    rows.append(dict(cfg_scale=float(w), **evaluation.sample_quality(
-        images, labels, clf, real_features)))
-    logging.info("w=%g: %s", w, rows[-1])
+    row = dict(cfg_scale=float(w), num_samples=int(len(images)))
+    if clf is not None:
+      row.update(evaluation.sample_quality(images, labels, clf,
+                                           real_features))
+    if inception_eval is not None:
+      row.update(inception_eval.metrics(images, *inception_ref))
+    rows.append(row)
+    logging.info("w=%g: %s", w, row)
   return rows
 
 
+def inception_reference(run, split: str, ev, num_real: int):
+  """(mu, sigma) of Inception features of `num_real` real `split` images.
+
+  The images are a fixed random subset (all of them for `num_real = -1`);
+  cached in `<workdir>/inception/` per split, count and weights file.
+  """
+  source = input_pipeline.get_source(run.config, split)
+  n = len(source) if num_real < 0 else min(num_real, len(source))
+  # A fixed random subset: TFDS splits may be stored sorted by class.
+  index = np.sort(np.random.default_rng(0).permutation(len(source))[:n])
+  path = os.path.join(run.workdir, "inception", f"ref_{split}_{n}.npz")
+  if os.path.exists(path):
+    with np.load(path) as f:
+      if str(f["weights_id"]) == ev.weights_id:
+        return f["mu"], f["sigma"]
+  logging.info("Inception reference statistics of %d %s images...", n, split)
+  chunk = 10 * ev.batch_size
+
+  def chunks():
+    for i in range(0, n, chunk):
+      yield np.stack([source[int(j)]["image"] for j in index[i:i + chunk]])
+      logging.info("  %d / %d real images", min(i + chunk, n), n)
+
+  mu, sigma = ev.moments(chunks()).stats()
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savez(path + ".tmp.npz", mu=mu, sigma=sigma, weights_id=ev.weights_id)
+    os.replace(path + ".tmp.npz", path)
+  return mu, sigma
+
+
 def write_sweep(rows: list, path_prefix: str) -> None:
-  """`rows` as CSV and as a two-panel plot (accuracy, Fréchet vs w)."""
+  """`rows` as CSV and as a plot: one panel per metric vs w."""
+  metrics = [k for k in ("accuracy", "frechet", "fid", "inception_score")
+             if k in rows[0]]
   with open(path_prefix + ".csv", "w") as f:
-    f.write("cfg_scale,accuracy,frechet,num_samples\n")
+    f.write(",".join(["cfg_scale"] + metrics + ["num_samples"]) + "\n")
     for r in rows:
-      f.write(f"{r['cfg_scale']},{r['accuracy']:.4f},{r['frechet']:.4f},"
-              f"{r['num_samples']}\n")
+      f.write(",".join([str(r["cfg_scale"])]
+                       + [f"{r[k]:.4f}" for k in metrics]
+                       + [str(r["num_samples"])]) + "\n")
   ws = [r["cfg_scale"] for r in rows]
+  labels = dict(accuracy="sample class accuracy",
+                frechet="Fréchet distance (classifier)",
+                fid="FID (Inception-v3)", inception_score="Inception Score")
   # The Figure API needs no pyplot backend (headless, and leaves notebooks'
   # inline backend alone).
-  fig = figure.Figure(figsize=(8, 3))
-  axes = fig.subplots(1, 2)
-  axes[0].plot(ws, [r["accuracy"] for r in rows], "o-")
-  axes[0].set(xlabel="cfg scale w", ylabel="sample class accuracy")
-  axes[1].plot(ws, [r["frechet"] for r in rows], "o-")
-  axes[1].set(xlabel="cfg scale w", ylabel="Fréchet distance (classifier)")
+  fig = figure.Figure(figsize=(4 * len(metrics), 3))
+  axes = np.atleast_1d(fig.subplots(1, len(metrics)))
+  for ax, k in zip(axes, metrics):
+    ax.plot(ws, [r[k] for r in rows], "o-")
+    ax.set(xlabel="cfg scale w", ylabel=labels[k])
   fig.tight_layout()
   fig.savefig(path_prefix + ".png", dpi=100)
 
 
 def evaluate(workdir: str, *, step=None, split=None, num_samples=None,
              cfg_scale=None, sweep: bool = False, batch_size: int = 250,
-             seed: int = 0, student_workdir=None) -> dict:
+             seed: int = 0, student_workdir=None,
+             inception_weights=None) -> dict:
   """Everything the CLI reports, as a dict (also written as JSON).
 
   With `student_workdir`, samples are decoded by the distilled one-step
   student instead of the exact inverse: same seeds, so the same latents,
-  and the JSON goes to `eval/<step>_student.json`.
+  and the JSON goes to `eval/<step>_student.json`. `inception_weights`
+  overrides `config.inception.weights` ('' skips FID / IS).
   """
   run = inference.restore(workdir, step)
+  config = run.config
+  inc = config.inception
+  if inception_weights is None:
+    inception_weights = inc.weights
+  # Bad weights fail here, before any sampling.
+  ev = (inception.Evaluator(inception_weights, inc.batch_size)
+        if inception_weights else None)
   decoder = None
   if student_workdir:
     from farmer_jax import distill  # pylint: disable=g-import-not-at-top
     decoder = distill.load_decoder(student_workdir, run)
-  config = run.config
   split = split or config.data.eval_split
   result = dict(step=run.step, split=split,
                 decoder="student" if decoder else "exact",
@@ -131,28 +196,46 @@ def evaluate(workdir: str, *, step=None, split=None, num_samples=None,
   suffix = "_student" if decoder else ""
   os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
   n = config.sample.num_eval_samples if num_samples is None else num_samples
+  has_clf = config.classifier.steps > 0 and config.model.num_classes >= 2
+  if not has_clf:
+    result["classifier"] = ("skipped: no classifier for this config "
+                            "(classifier.steps = 0 or unconditional)")
+  if ev is None:
+    result["inception"] = ("skipped: no Inception-v3 weights "
+                           "(config.inception.weights / --inception_weights;"
+                           " README 'FID and IS')")
   if n <= 0:
     result["samples"] = "skipped: num_samples = 0"
-  elif config.classifier.steps <= 0 or config.model.num_classes < 2:
-    result["samples"] = ("skipped: no classifier for this config "
-                         "(classifier.steps = 0 or unconditional); FID with "
-                         "Inception-v3 is not implemented here")
+  elif not has_clf and ev is None:
+    result["samples"] = "skipped: no classifier and no Inception weights"
   else:
-    model, params, info = classifier.load_or_train(config, workdir)
-    clf = (model, params)
-    real, _ = classifier.real_images(config, split)
-    train_real, _ = classifier.real_images(config, config.data.train_split,
-                                           limit=len(real))
-    real_feats = classifier.features(*clf, real)
+    clf = real_feats = ref = None
+    if has_clf:
+      model, params, info = classifier.load_or_train(config, workdir)
+      clf = (model, params)
+      real, _ = classifier.real_images(config, split)
+      real_feats = classifier.features(*clf, real)
+    ref_split = inc.reference_split or split
+    if ev is not None:
+      ref = inception_reference(run, ref_split, ev, inc.num_real)
     w = config.sample.cfg_scale if cfg_scale is None else cfg_scale
     scales = sorted(set(config.sample.cfg_sweep) | {w}) if sweep else [w]
     rows = sample_quality_at(run, clf, real_feats, scales, n, seed,
-                             batch_size, decoder)
+                             batch_size, decoder, ev, ref)
     result["samples"] = dict(next(r for r in rows if r["cfg_scale"] == w))
-    result["samples"]["classifier_test_accuracy"] = info["test_accuracy"]
-    result["samples"]["frechet_real_train_vs_split"] = (
-        classifier.frechet_distance(real_feats,
-                                    classifier.features(*clf, train_real)))
+    if has_clf:
+      train_real, _ = classifier.real_images(
+          config, config.data.train_split, limit=len(real))
+      result["samples"]["classifier_test_accuracy"] = info["test_accuracy"]
+      result["samples"]["frechet_real_train_vs_split"] = (
+          classifier.frechet_distance(
+              real_feats, classifier.features(*clf, train_real)))
+    if ev is not None:
+      result["inception"] = dict(
+          weights=inception_weights, reference_split=ref_split,
+          inception_score="computed" if ev.with_logits else (
+              "skipped: these weights have no 1008-way output layer "
+              "(convert NVlabs' inception-2015-12-05.pt for IS)"))
     if sweep:
       result["cfg_sweep"] = rows
       write_sweep(rows, os.path.join(workdir, "eval",
@@ -169,7 +252,8 @@ def main(argv) -> None:
   result = evaluate(FLAGS.workdir, step=FLAGS.step, split=FLAGS.split,
                     num_samples=FLAGS.num_samples, cfg_scale=FLAGS.cfg_scale,
                     sweep=FLAGS.sweep, batch_size=FLAGS.batch_size,
-                    seed=FLAGS.seed, student_workdir=FLAGS.student_workdir)
+                    seed=FLAGS.seed, student_workdir=FLAGS.student_workdir,
+                    inception_weights=FLAGS.inception_weights)
   print(json.dumps(result))
 
 
