@@ -69,6 +69,10 @@ def define_flags() -> None:
   flags.DEFINE_string("inception_weights", None, "FID / IS Inception-v3 "
                       ".npz (default: config.inception.weights; '' skips). "
                       "Make it with `python -m farmer_jax.inception`.")
+  flags.DEFINE_float("logit_temp", None, "Mixture logit temperature "
+                     "(default: config.sample.logit_temp).")
+  flags.DEFINE_float("scale_temp", None, "Mixture scale factor (default: "
+                     "config.sample.scale_temp).")
   flags.mark_flags_as_required(["workdir"])
 
 
@@ -84,13 +88,15 @@ def exact_bpd(run, split: str, seed: int) -> dict:
 
 def sample_quality_at(run, clf, real_features, cfg_scales, num_samples: int,
                       seed: int, batch_size: int, decoder=None,
-                      inception_eval=None, inception_ref=None) -> list:
+                      inception_eval=None, inception_ref=None,
+                      **overrides) -> list:
   """Sample-quality metrics of `num_samples` samples at each `w`.
 
   `clf` + `real_features` give class accuracy and the classifier Fréchet
   distance (`evaluation.sample_quality`); `inception_eval` +
   `inception_ref` (mu, sigma) give FID and, with logits, IS. Either may be
-  None.
+  None. `overrides` are sampling options (e.g. `logit_temp`) that replace
+  the run's `config.sample` ones.
   """
   labels = np.arange(num_samples) % max(run.config.model.num_classes, 1)
   rows = []
@@ -98,7 +104,7 @@ def sample_quality_at(run, clf, real_features, cfg_scales, num_samples: int,
     images = inference.generate(run, labels, seed, batch_size=batch_size,
                                 denoise=run.config.sample.denoise,
                                 decoder=decoder, progress=True,
-                                cfg_scale=float(w))
+                                cfg_scale=float(w), **overrides)
     row = dict(cfg_scale=float(w), num_samples=int(len(images)))
     if clf is not None:
       row.update(evaluation.sample_quality(images, labels, clf,
@@ -169,13 +175,15 @@ def write_sweep(rows: list, path_prefix: str) -> None:
 def evaluate(workdir: str, *, step=None, split=None, num_samples=None,
              cfg_scale=None, sweep: bool = False, batch_size: int = 250,
              seed: int = 0, student_workdir=None,
-             inception_weights=None) -> dict:
+             inception_weights=None, logit_temp=None,
+             scale_temp=None) -> dict:
   """Everything the CLI reports, as a dict (also written as JSON).
 
   With `student_workdir`, samples are decoded by the distilled one-step
   student instead of the exact inverse: same seeds, so the same latents,
   and the JSON goes to `eval/<step>_student.json`. `inception_weights`
-  overrides `config.inception.weights` ('' skips FID / IS).
+  overrides `config.inception.weights` ('' skips FID / IS);
+  `logit_temp` / `scale_temp` override `config.sample`'s temperatures.
   """
   run = inference.restore(workdir, step)
   config = run.config
@@ -193,7 +201,11 @@ def evaluate(workdir: str, *, step=None, split=None, num_samples=None,
   result = dict(step=run.step, split=split,
                 decoder="student" if decoder else "exact",
                 **exact_bpd(run, split, seed))
-  suffix = "_student" if decoder else ""
+  temps = {k: v for k, v in (("logit_temp", logit_temp),
+                             ("scale_temp", scale_temp)) if v is not None}
+  # Non-default decoders and temperatures get their own files.
+  suffix = ("_student" if decoder else "") + "".join(
+      f"_{k}{v:g}" for k, v in temps.items())
   os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
   n = config.sample.num_eval_samples if num_samples is None else num_samples
   has_clf = config.classifier.steps > 0 and config.model.num_classes >= 2
@@ -220,8 +232,11 @@ def evaluate(workdir: str, *, step=None, split=None, num_samples=None,
       ref = inception_reference(run, ref_split, ev, inc.num_real)
     w = config.sample.cfg_scale if cfg_scale is None else cfg_scale
     scales = sorted(set(config.sample.cfg_sweep) | {w}) if sweep else [w]
+    result["sampling_temperatures"] = dict(
+        logit_temp=temps.get("logit_temp", config.sample.logit_temp),
+        scale_temp=temps.get("scale_temp", config.sample.scale_temp))
     rows = sample_quality_at(run, clf, real_feats, scales, n, seed,
-                             batch_size, decoder, ev, ref)
+                             batch_size, decoder, ev, ref, **temps)
     result["samples"] = dict(next(r for r in rows if r["cfg_scale"] == w))
     if has_clf:
       train_real, _ = classifier.real_images(
@@ -253,7 +268,8 @@ def main(argv) -> None:
                     num_samples=FLAGS.num_samples, cfg_scale=FLAGS.cfg_scale,
                     sweep=FLAGS.sweep, batch_size=FLAGS.batch_size,
                     seed=FLAGS.seed, student_workdir=FLAGS.student_workdir,
-                    inception_weights=FLAGS.inception_weights)
+                    inception_weights=FLAGS.inception_weights,
+                    logit_temp=FLAGS.logit_temp, scale_temp=FLAGS.scale_temp)
   print(json.dumps(result))
 
 

@@ -322,8 +322,15 @@ class Moments:
 
 
 def inception_score(logits: np.ndarray, splits: int = 10) -> Tuple[float, float]:
-  """exp(E_x KL(p(y|x) || p(y))), mean and std over `splits` chunks."""
+  """exp(E_x KL(p(y|x) || p(y))), mean and std over `splits` chunks.
+
+  Fewer images than `2 * splits` use fewer chunks (at least 2 images each)
+  rather than empty ones.
+  """
   logits = np.asarray(logits, np.float64)
+  if len(logits) < 2:
+    raise ValueError("The Inception Score needs at least 2 images.")
+  splits = max(1, min(splits, len(logits) // 2))
   logp = logits - logits.max(-1, keepdims=True)
   logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
   scores = []

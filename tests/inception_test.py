@@ -118,6 +118,8 @@ def test_inception_score_formula():
   assert abs(mean - k) < 1e-6 and std < 1e-6
   same = np.tile(np.linspace(0, 3, k), (100, 1))  # one p(y|x) for all
   assert abs(inception.inception_score(same)[0] - 1.0) < 1e-9
+  few = inception.inception_score(confident[:4], splits=10)  # no empty split
+  assert np.isfinite(few).all()
 
 
 def test_random_weights_give_sane_features_and_zero_self_fid(random_weights):
@@ -159,6 +161,15 @@ def test_evaluate_reports_fid_and_is(trained_workdir, random_weights,
                                       f"{result['step']}.json")))
   assert saved["samples"]["fid"] == s["fid"]
   assert os.listdir(os.path.join(workdir, "inception")) == ["ref_test_24.npz"]
+  # Temperature overrides are recorded and get their own files.
+  cold = evaluate.evaluate(workdir, num_samples=4, batch_size=4,
+                           logit_temp=0.5)
+  assert cold["sampling_temperatures"] == dict(logit_temp=0.5, scale_temp=1.0)
+  assert np.isfinite(cold["samples"]["inception_score"])  # 4 images: 2 splits
+  assert os.path.exists(os.path.join(
+      workdir, "eval", f"{result['step']}_logit_temp0.5.json"))
+  assert json.load(open(os.path.join(workdir, "eval", f"{result['step']}"
+                                     ".json")))["samples"]["fid"] == s["fid"]
   # Without weights: said, not silently dropped.
   plain = evaluate.evaluate(workdir, num_samples=4, inception_weights="")
   assert plain["inception"].startswith("skipped")
