@@ -207,15 +207,6 @@ def _check_scalars(config) -> None:
     value = _get(config, field)
     _require(value >= low, f"config.{field}={value!r} must be >= {low} "
              f"({why}); set config.{field} to {low} or more.")
-  num_real = config.inception.num_real
-  _require(num_real == -1 or num_real >= 2,
-           f"config.inception.num_real={num_real!r}: FID needs at least 2 "
-           "real images; set it to -1 (the whole split) or >= 2.")
-  weights = config.inception.weights
-  _require(not weights or os.path.isfile(weights),
-           f"config.inception.weights={weights!r} is not a file; make it with "
-           "`python -m farmer_jax.inception --out=PATH` or set it to '' (no "
-           "FID / IS).")
   for field in _POSITIVE:
     value = _get(config, field)
     _require(value > 0, f"config.{field}={value!r} must be > 0; set "
@@ -228,6 +219,17 @@ def _check_scalars(config) -> None:
     value = _get(config, field)
     _require(value in choices, f"config.{field}={value!r} is not one of "
              f"{choices}; set config.{field} to one of them.")
+
+
+def _check_inception(inc) -> None:
+  """FID / IS settings, so a bad path fails at start-up, not at evaluation."""
+  _require(inc.num_real == -1 or inc.num_real >= 2,
+           f"config.inception.num_real={inc.num_real!r}: FID needs at least 2 "
+           "real images; set it to -1 (the whole split) or >= 2.")
+  _require(not inc.weights or os.path.isfile(inc.weights),
+           f"config.inception.weights={inc.weights!r} is not a file; make it "
+           "with `python -m farmer_jax.inception --out=PATH` or set it to '' "
+           "(no FID / IS).")
 
 
 def _divisors(n: int) -> list[int]:
@@ -399,6 +401,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
       says how to fix it.
   """
   _check_scalars(config)
+  _check_inception(config.inception)
   _check_model(config.model)
   _check_noise(config)
   _check_schedule(config)

@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from farmer_jax import classifier
+
 SIZE = 299
 NUM_FEATURES = 2048
 _BN_EPS = 1e-3
@@ -380,7 +382,6 @@ class Evaluator:
   def metrics(self, images: np.ndarray, ref_mu: np.ndarray,
               ref_sigma: np.ndarray) -> dict:
     """FID against the reference statistics; IS if there are logits."""
-    from farmer_jax import classifier  # pylint: disable=g-import-not-at-top
     feats, logits = self.features(images)
     moments = Moments()
     moments.add(feats)
