@@ -79,6 +79,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model.d_I = max(1, token_dim // 4)
   config.model.K_I = 16
   config.model.K_R = 16
+  # 'shared': the paper's one Z^R mixture for every token; 'token': ours, each
+  # token's Z^R mixture also sees its own Z^I channels (docs/FARMER.md).
+  config.model.redundant_prior = "shared"
   config.model.num_cond_tokens = 4
   config.model.label_drop = 0.1
   config.model.head_init_std = 0.1
@@ -122,6 +125,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.log_every = 50
   config.eval_every = 1000
   config.num_eval_batches = -1  # -1: the whole split.
+  # `evaluate`: test accuracy of argmax_c log p(x | c) on this many test
+  # images (0: skip); one forward pass per image and class.
+  config.eval_bayes_images = 500
   config.num_grid_images = 64
   config.ckpt_every = 1000
   config.keep_ckpts = 3
@@ -131,10 +137,21 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.sample = ml_collections.ConfigDict()
   config.sample.cfg_scale = 1.0  # w; 0 = plain conditional sampling.
   config.sample.guidance = "resample"  # 'resample'|'rejection'|'closed_form'|'none'
-  config.sample.num_candidates = 16  # s: candidates from p_c per AR step.
-  config.sample.num_uncond_candidates = 0  # s': candidates from p_u.
-  config.sample.logit_temp = 1.0
-  config.sample.scale_temp = 1.0
+  # Resampling CFG (spec 7; the paper's names first): propose s_c + s_u
+  # candidates with T_pi, T_sigma; weigh them with p_c, p_u at T_pi_v,
+  # T_sigma_v; pick one from softmax(T_s log w).
+  config.sample.proposal = "paper"  # 'paper' (Algorithm 1) | 'balance' (ours).
+  config.sample.num_candidates = 16  # s_c: candidates from p_c per AR step.
+  config.sample.num_uncond_candidates = 0  # s_u: candidates from p_u.
+  config.sample.logit_temp = 1.0  # T_pi: logits / T_pi when drawing.
+  config.sample.scale_temp = 1.0  # T_sigma: scales * T_sigma when drawing.
+  config.sample.weigh_logit_temp = 1.0  # T_pi_v: p_c, p_u's logits in weights.
+  config.sample.weigh_scale_temp = 1.0  # T_sigma_v: their scales in weights.
+  config.sample.resample_temp = 1.0  # T_s: > 1 sharpens the pick.
+  # The redundant channels z^R (ours; the paper: "larger" counts, no value).
+  config.sample.r_num_candidates = 32  # s_c for z^R.
+  config.sample.r_num_uncond_candidates = 0  # s_u for z^R.
+  config.sample.r_var_scale = 1.0  # on z^R's variance; 0: component means.
   config.sample.denoise = False  # one Tweedie step with sigma = noise_min.
   config.sample.num_grid_images = 64  # 0: no sample grid in training.
   config.sample.num_eval_samples = 1000  # for accuracy / Frechet distance.

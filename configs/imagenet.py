@@ -44,6 +44,10 @@ docs/FARMER.md; we cite the paper's parts by name, not by number):
     reduction, x64 duplication, terminal permutation and resampling CFG;
   * the spec's defaults: label dropout 0.1 (for CFG), scale clip 4, GMM
     head init and scale floor;
+  * sampling (Table 6): resampling CFG's temperatures, candidate counts and
+    w per size and patch (SAMPLING below); ours: the z^R candidate counts
+    (the paper says "larger"), r_var_scale 1, and the 1.1B/p16 row for the
+    sizes the paper did not sample;
   * guessed, each marked `# guess:` below: every depth and width of the
     1.1B / 1.9B rows of SIZES (only their patch sizes and totals are the
     paper's; tests/config_test.py checks the totals), mlp ratio, head dim,
@@ -80,6 +84,19 @@ SIZES = {
     "1.9B": (8, 8, 6, 1280, 32, 1536, True),  # guess: all but the patch.
 }
 DEFAULT_SIZE = {64: "B", 256: "1.1B"}
+
+# Paper Table 6, resampling CFG per (size, patch at res 256): (T_pi, T_sigma,
+# s_c, s_u, T_pi_v, T_sigma_v, T_s, w) = config.sample.(logit_temp,
+# scale_temp, num_candidates, num_uncond_candidates, weigh_logit_temp,
+# weigh_scale_temp, resample_temp, cfg_scale). SIZES has 1.1B at patch 16 and
+# 1.9B at patch 8; the other two rows serve a patch variant when one is
+# added. Other sizes (tiny, S, B) use the 1.1B/p16 row (ours).
+SAMPLING = {
+    ("1.1B", 16): (1.0, 0.9, 5, 5, 0.2, 0.9, 1.1, 2.5),
+    ("1.1B", 8): (1.0, 1.0, 5, 5, 0.2, 0.9, 1.1, 2.0),
+    ("1.9B", 16): (1.0, 0.9, 5, 5, 0.2, 0.9, 1.1, 3.5),
+    ("1.9B", 8): (1.0, 1.0, 5, 5, 0.1, 1.0, 1.1, 1.5),
+}
 
 
 def _size(args) -> str:
@@ -141,6 +158,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model.d_I = D_I_AT_256 * args.res ** 2 // 256 ** 2  # d ~ res**2.
   config.model.K_I = 4 if local else 64  # paper
   config.model.K_R = 4 if local else 200  # paper
+  # 'shared': the paper's one Z^R mixture for every token; 'token': ours, each
+  # token's Z^R mixture also sees its own Z^I channels (docs/FARMER.md).
+  config.model.redundant_prior = "shared"
   config.model.num_cond_tokens = 4 if local else 64  # paper: class x64.
   config.model.label_drop = 0.0 if args.uncond else 0.1  # for CFG (spec 4).
   config.model.head_init_std = 0.1  # spec 4 decision.
@@ -187,6 +207,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.log_every = 1 if local else 100
   config.eval_every = 5 if local else 10_000
   config.num_eval_batches = 1 if local else 10  # 10 x 1024 of the 50k.
+  # `evaluate`: accuracy of argmax_c log p(x | c) on this many validation
+  # images; 0 skips it (1000 classes: 1000 forward passes per image).
+  config.eval_bayes_images = 0
   config.num_grid_images = 4 if local else 64
   config.ckpt_every = 5 if local else 2_000
   config.keep_ckpts = 3
@@ -194,12 +217,25 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Sampling (spec 6-7): the training run's sample grid at each evaluation,
   # and the defaults of `farmer_jax.sample` / `farmer_jax.evaluate`.
   config.sample = ml_collections.ConfigDict()
-  config.sample.cfg_scale = 1.0  # w; 0 = plain conditional sampling.
+  # Resampling CFG (spec 7; the paper's names first): propose s_c + s_u
+  # candidates with T_pi, T_sigma; weigh them with p_c, p_u at T_pi_v,
+  # T_sigma_v; pick one from softmax(T_s log w). Paper Table 6 (SAMPLING).
+  (t_pi, t_sigma, s_c, s_u, t_pi_v, t_sigma_v, t_s, w) = SAMPLING.get(
+      (_size(args), patch_256), SAMPLING[("1.1B", 16)])
+  config.sample.cfg_scale = w  # w; 0 = plain conditional sampling.
   config.sample.guidance = "resample"  # 'resample'|'rejection'|'closed_form'|'none'
-  config.sample.num_candidates = 16  # s: candidates from p_c per AR step.
-  config.sample.num_uncond_candidates = 0  # s': candidates from p_u.
-  config.sample.logit_temp = 1.0
-  config.sample.scale_temp = 1.0
+  config.sample.proposal = "paper"  # 'paper' (Algorithm 1) | 'balance' (ours).
+  config.sample.num_candidates = s_c  # s_c: candidates from p_c per AR step.
+  config.sample.num_uncond_candidates = s_u  # s_u: candidates from p_u.
+  config.sample.logit_temp = t_pi  # T_pi: logits / T_pi when drawing.
+  config.sample.scale_temp = t_sigma  # T_sigma: scales * T_sigma when drawing.
+  config.sample.weigh_logit_temp = t_pi_v  # T_pi_v: p_c, p_u's logits in weights.
+  config.sample.weigh_scale_temp = t_sigma_v  # T_sigma_v: their scales there.
+  config.sample.resample_temp = t_s  # T_s: > 1 sharpens the pick.
+  # The redundant channels z^R (ours; the paper: "larger" counts, no value).
+  config.sample.r_num_candidates = 2 * s_c  # ours: s_c for z^R.
+  config.sample.r_num_uncond_candidates = 2 * s_u  # ours: s_u for z^R.
+  config.sample.r_var_scale = 1.0  # ours: on z^R's variance; 0: component means.
   config.sample.denoise = False  # one Tweedie step with sigma = noise_min.
   config.sample.num_grid_images = 4 if local else 64  # 0: no sample grid in training.
   config.sample.num_eval_samples = 16 if local else 10_000  # for accuracy / Frechet distance.

@@ -20,6 +20,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from farmer_jax import config_lib
+
 
 class CheckpointMismatchError(ValueError):
   """The workdir's checkpoint was written by a different model config."""
@@ -96,6 +98,7 @@ class Checkpointer:
     """Raises CheckpointMismatchError if the saved model config differs."""
     saved = self._manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))["config"]
+    saved = {**config_lib.ADDED_KEYS["model"], **saved}
     current = _model_dict(self._config)
     diffs = [f"model.{k}: checkpoint has {saved.get(k)!r}, config has "
              f"{current.get(k)!r}"

@@ -8,12 +8,18 @@ comparable between runs on the same dataset and classifier, not with
 published FIDs.
 
 The weights are cached in `<workdir>/classifier/` (flax msgpack + a JSON
-with the training steps and test accuracy), trained on first use.
+with the recipe version, `config.classifier` and the test accuracy), trained
+on first use and retrained when the recipe or `config.classifier` changes.
+
+On configs/digits.py's default split (4,500 / 500 MNIST digits) it reaches
+about 0.985 test accuracy in 2,000 steps, about a minute on 2 CPU cores:
+random shifts, dropout and weight decay keep the small training split from
+being memorised.
 """
 import functools
 import json
 import os
-from typing import Any, Tuple
+from typing import Any, Sequence, Tuple
 
 from absl import logging
 import flax
@@ -27,22 +33,45 @@ import optax
 from farmer_jax import input_pipeline
 
 _DIR = "classifier"
+# The cache's recipe version: bump it whenever the network, the augmentation
+# or the optimiser below changes, so no run reuses weights of another recipe.
+# 1: three conv layers, Adam, no shifts (unversioned caches); 2: this one.
+_VERSION = 2
 # Training-time noise (in [-1, 1] units): samples are never exactly on the
 # 8-bit grid, so the classifier should not rely on clean pixels.
 _TRAIN_NOISE = 0.05
+# Random translations of up to one pixel per this many pixels of image side:
+# +/- 2 px at 28x28, none at 8x8 where one pixel is an eighth of the digit.
+_SIDE_PER_SHIFT_PX = 12
+# AdamW's decoupled weight decay (per unit learning rate).
+_WEIGHT_DECAY = 1e-4
 
 
 class CNN(nn.Module):
-  """uint8 images `[B, H, W, C]` -> `(logits [B, K], features [B, 128])`."""
+  """uint8 images `[B, H, W, C]` -> `(logits [B, K], features [B, 128])`.
+
+  3x3 convolutions (`(width, stride)` per layer) down to 1/8 of the side,
+  then a global mean and one dense layer: the 128 ReLU features, the space of
+  the Fréchet distance. The global mean (FID's Inception recipe) keeps the
+  features sensitive to local texture such as isolated bright pixels; the
+  last stride-1 layer widens what each pooled position sees to 31 px, a
+  whole 28x28 digit.
+  Dropout acts between the features and the logits, only when
+  `train=True` (rng "dropout"); `features` never see it.
+  """
   num_classes: int
+  layers: Sequence[Tuple[int, int]] = ((32, 2), (64, 2), (128, 2), (128, 1))
+  num_features: int = 128
+  dropout: float = 0.5
 
   @nn.compact
-  def __call__(self, images):
+  def __call__(self, images, train: bool = False):
     x = images.astype(jnp.float32) / 127.5 - 1.0
-    for width, stride in ((32, 1), (64, 2), (128, 2)):
+    for width, stride in self.layers:
       x = nn.relu(nn.Conv(width, (3, 3), strides=stride)(x))
-    features = nn.relu(nn.Dense(128)(jnp.mean(x, axis=(1, 2))))
-    return nn.Dense(self.num_classes)(features), features
+    features = nn.relu(nn.Dense(self.num_features)(jnp.mean(x, axis=(1, 2))))
+    dropped = nn.Dropout(self.dropout, deterministic=not train)(features)
+    return nn.Dense(self.num_classes)(dropped), features
 
 
 def _single_host(config, batch_size: int) -> ml_collections.ConfigDict:
@@ -50,6 +79,21 @@ def _single_host(config, batch_size: int) -> ml_collections.ConfigDict:
   config.batch_size = batch_size
   config.eval_batch_size = batch_size
   return config
+
+
+def _shift(images, rng, max_shift: int):
+  """Translates each image by up to `max_shift` px per axis (edge padding)."""
+  if max_shift == 0:
+    return images
+  b, h, w, c = images.shape
+  m = max_shift
+  padded = jnp.pad(images, ((0, 0), (m, m), (m, m), (0, 0)), mode="edge")
+  offsets = jax.random.randint(rng, (b, 2), 0, 2 * m + 1)
+
+  def crop(image, offset):
+    return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
+
+  return jax.vmap(crop)(padded, offsets)
 
 
 def _train(config, rng) -> Tuple[Any, float]:
@@ -61,16 +105,21 @@ def _train(config, rng) -> Tuple[Any, float]:
                                               process_count=1)
   s, c = config.model.image_size, config.model.channels
   params = model.init(rng, jnp.zeros((1, s, s, c), jnp.uint8))["params"]
-  tx = optax.adam(optax.cosine_decay_schedule(cc.lr, cc.steps))
+  tx = optax.adamw(optax.cosine_decay_schedule(cc.lr, cc.steps),
+                   weight_decay=_WEIGHT_DECAY)
   opt_state = tx.init(params)
+  max_shift = s // _SIDE_PER_SHIFT_PX
 
   @jax.jit
   def step(params, opt_state, batch, rng):
-    noise = _TRAIN_NOISE * 127.5 * jax.random.normal(rng, batch["image"].shape)
-    images = batch["image"].astype(jnp.float32) + noise
+    shift_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
+    images = _shift(batch["image"].astype(jnp.float32), shift_rng, max_shift)
+    images = images + _TRAIN_NOISE * 127.5 * jax.random.normal(
+        noise_rng, images.shape)
 
     def loss_fn(params):
-      logits, _ = model.apply({"params": params}, images)
+      logits, _ = model.apply({"params": params}, images, train=True,
+                              rngs={"dropout": dropout_rng})
       return optax.softmax_cross_entropy_with_integer_labels(
           logits, batch["label"]).mean()
 
@@ -98,11 +147,22 @@ def real_images(config, split: str, limit: int = -1):
           np.asarray([e["label"] for e in examples], np.int32))
 
 
+def _recipe(config) -> dict:
+  """What the cached weights depend on besides the data: retrain if it moves."""
+  cc = config.classifier
+  return dict(version=_VERSION, steps=int(cc.steps),
+              batch_size=int(cc.batch_size), lr=float(cc.lr))
+
+
 def load_or_train(config, workdir: str):
-  """The cached classifier of `workdir`, trained first if missing.
+  """The cached classifier of `workdir`, trained first if missing or stale.
+
+  The cache is reused only if its `info.json` records this module's recipe
+  version and the same `config.classifier` (steps, batch size, lr).
 
   Returns:
-    `(model, params, info)`; info has `steps` and `test_accuracy`.
+    `(model, params, info)`; info has `version`, `steps`, `batch_size`,
+    `lr` and `test_accuracy`.
   """
   if config.classifier.steps <= 0 or config.model.num_classes < 2:
     raise ValueError(
@@ -115,7 +175,8 @@ def load_or_train(config, workdir: str):
   if os.path.exists(meta):
     with open(meta) as f:
       info = json.load(f)
-    if info["steps"] == config.classifier.steps:
+    recipe = _recipe(config)
+    if {k: info.get(k) for k in recipe} == recipe:
       s, c = config.model.image_size, config.model.channels
       template = model.init(jax.random.PRNGKey(0),
                             jnp.zeros((1, s, s, c), jnp.uint8))["params"]
@@ -125,7 +186,7 @@ def load_or_train(config, workdir: str):
   logging.info("Training the sample-quality classifier (%d steps)...",
                config.classifier.steps)
   params, acc = _train(config, jax.random.PRNGKey(config.seed + 7))
-  info = dict(steps=int(config.classifier.steps), test_accuracy=acc)
+  info = dict(_recipe(config), test_accuracy=acc)
   logging.info("Classifier test accuracy: %.4f", acc)
   if jax.process_index() == 0:
     os.makedirs(path, exist_ok=True)

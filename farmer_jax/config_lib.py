@@ -18,10 +18,31 @@ import ml_collections
 
 MESH_AXES = ("data", "fsdp", "tensor")
 PRIORS = ("farmer", "gaussian")
+REDUNDANT_PRIORS = ("shared", "token")  # the paper's shared Z^R mixture | ours
 DTYPES = ("float32", "bfloat16")
 NOISE_SCHEDULES = ("cosine", "constant", "uniform")
 SOURCES = ("mnist", "digits", "tfds", "folder")
 GUIDANCE_RULES = ("resample", "rejection", "closed_form", "none")
+# Log-weights of resampling CFG (spec 7): the paper's Algorithm 1 | ours.
+PROPOSALS = ("paper", "balance")
+# Keys added to config sections ("": the top level) after some runs were
+# trained, with the values those runs used (their config.json and
+# checkpoints lack them; a callable gets the section and returns the value):
+# `inference.load_config` and the checkpoint's model-config check fill them.
+ADDED_KEYS = {
+    "model": dict(redundant_prior="shared"),
+    "": dict(eval_bayes_images=0),  # off, as it was.
+    # Resampling CFG before the paper's Algorithm 1 (spec 7): balance-heuristic
+    # weights on the sampling temperatures, one candidate count for z^I, z^R.
+    "sample": dict(proposal="balance",
+                   weigh_logit_temp=lambda sample: sample["logit_temp"],
+                   weigh_scale_temp=lambda sample: sample["scale_temp"],
+                   resample_temp=1.0,
+                   r_num_candidates=lambda sample: sample["num_candidates"],
+                   r_num_uncond_candidates=(
+                       lambda sample: sample["num_uncond_candidates"]),
+                   r_var_scale=1.0),
+}
 CHANNELS = (1, 3)  # what input_pipeline.fit_image can produce.
 # The embedded datasets have 10 digit classes and only 'train' / 'test';
 # 'folder' has the same two splits (see input_pipeline).
@@ -172,26 +193,34 @@ _AT_LEAST = (
     ("sample.cfg_scale", 0, "0 means no guidance"),
     ("sample.num_candidates", 1, "resampling needs a candidate"),
     ("sample.num_uncond_candidates", 0, "0 means candidates from p_c only"),
+    ("sample.r_num_candidates", 1, "resampling z^R needs a candidate"),
+    ("sample.r_num_uncond_candidates", 0,
+     "0 means z^R candidates from p_c only"),
+    ("sample.r_var_scale", 0, "0 gives z^R's component means"),
     ("sample.num_grid_images", 0, "0 means no sample grid"),
     ("sample.num_eval_samples", 0, "0 means no sample-quality metrics"),
+    ("eval_bayes_images", 0, "0 means no Bayes-rule classification"),
     ("classifier.steps", 0, "0 means no sample-quality classifier"),
     ("classifier.batch_size", 1, "a batch needs an image"),
     ("inception.batch_size", 1, "a batch needs an image"),
 )
 _POSITIVE = ("lr", "grad_clip", "model.scale_clip", "model.head_init_std",
              "model.scale_floor", "sample.logit_temp", "sample.scale_temp",
-             "classifier.lr")
+             "sample.weigh_logit_temp", "sample.weigh_scale_temp",
+             "sample.resample_temp", "classifier.lr")
 # Fields in [0, 1) with a typical value: a probability that must leave some
 # labels, and decay rates.
 _UNIT_INTERVAL = (("model.label_drop", 0.1), ("ema_decay", 0.999),
                   ("b1", 0.9), ("b2", 0.95))
 _CHOICES = (
     ("model.prior", PRIORS),
+    ("model.redundant_prior", REDUNDANT_PRIORS),
     ("model.dtype", DTYPES),
     ("model.channels", CHANNELS),
     ("noise_schedule", NOISE_SCHEDULES),
     ("data.source", SOURCES),
     ("sample.guidance", GUIDANCE_RULES),
+    ("sample.proposal", PROPOSALS),
 )
 
 

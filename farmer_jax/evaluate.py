@@ -7,6 +7,10 @@ Restores the latest checkpoint's EMA parameters (or `--step`) and reports:
 * exact bits/dim of the whole split under uniform dequantisation with its
   standard error, split into flow log-det, informative and redundant parts
   (`bpd = bpd_flow + bpd_I + bpd_R + log2(127.5)`);
+* for class-conditional models, the accuracy of the model's own Bayes-rule
+  classifier `argmax_c log p(x | c)` on `config.eval_bayes_images` (or
+  `--bayes_images`) images of the split, dequantised as for bits/dim
+  (`bayes_accuracy`, `bayes_num_images`);
 * sample quality (farmer_jax/classifier.py, trained on first use and
   cached in the workdir): class accuracy of class-conditional samples and
   the Fréchet distance of their classifier features to the split's real
@@ -18,7 +22,11 @@ Writes `<workdir>/eval/<step>.json` (and `cfg_sweep_<step>.csv/.png`).
 `--student_workdir=S` decodes the samples with the distilled one-step
 student (farmer_jax.distill) instead of the exact inverse, on the same
 latents (same seeds), and writes `<step>_student.json`: run it with and
-without to see the student's quality cost.
+without to see the student's quality cost. Every sampling option has a
+flag (`--logit_temp`, `--resample_temp`, `--r_var_scale`, ...: see
+`farmer_jax.sample`); the JSON records all options used under `sampling`,
+and the ones given (but `--cfg_scale`) name the file, e.g.
+`<step>_logit_temp0.5.json`.
 * FID (and the Inception Score, if the weights have the output layer)
   with Inception-v3 (farmer_jax/inception.py) when `config.inception.
   weights` or `--inception_weights` names the `.npz` made by
@@ -57,8 +65,7 @@ def define_flags() -> None:
                       "eval_split).")
   flags.DEFINE_integer("num_samples", None, "Samples for sample quality "
                        "(default: config.sample.num_eval_samples; 0: skip).")
-  flags.DEFINE_float("cfg_scale", None, "Guidance weight w (default: "
-                     "config.sample.cfg_scale).")
+  inference.define_sampling_flags()  # --cfg_scale, --num_candidates, ...
   flags.DEFINE_bool("sweep", False, "Also sweep w over config.sample."
                     "cfg_sweep: table + plot.")
   flags.DEFINE_integer("batch_size", 250, "Samples per jitted call.")
@@ -69,10 +76,9 @@ def define_flags() -> None:
   flags.DEFINE_string("inception_weights", None, "FID / IS Inception-v3 "
                       ".npz (default: config.inception.weights; '' skips). "
                       "Make it with `python -m farmer_jax.inception`.")
-  flags.DEFINE_float("logit_temp", None, "Mixture logit temperature "
-                     "(default: config.sample.logit_temp).")
-  flags.DEFINE_float("scale_temp", None, "Mixture scale factor (default: "
-                     "config.sample.scale_temp).")
+  flags.DEFINE_integer("bayes_images", None, "Split images for the Bayes-"
+                       "rule accuracy argmax_c log p(x | c) (default: "
+                       "config.eval_bayes_images; 0: skip).")
   flags.mark_flags_as_required(["workdir"])
 
 
@@ -84,6 +90,30 @@ def exact_bpd(run, split: str, seed: int) -> dict:
   with sharding.context(run.mesh, run.config):
     return evaluation.evaluate_bpd(eval_fn, run.variables["params"], batches,
                                    jax.random.PRNGKey(seed))
+
+
+def bayes_accuracy(run, split: str, seed: int, num_images: int) -> dict:
+  """Accuracy of `argmax_c log p(x | c)` on `num_images` of `split`.
+
+  Dequantised with the same seed and batches as `exact_bpd`, so the images
+  are the ones whose bits/dim it reports. Returns `{bayes_accuracy,
+  bayes_num_images}`, or `{bayes: 'skipped: why'}`.
+  """
+  if run.config.model.num_classes < 2:
+    return dict(bayes="skipped: not a class-conditional model")
+  if num_images <= 0:
+    return dict(bayes="skipped: bayes_images = 0 (config.eval_bayes_images "
+                "/ --bayes_images)")
+  log_probs_fn = jax.jit(functools.partial(
+      evaluation.class_log_probs, run.model,
+      num_classes=run.config.model.num_classes))
+  num_batches = -(-num_images // run.config.eval_batch_size)
+  batches = evaluation.eval_batches(run.config, split, run.batch_sharding,
+                                    num_batches)
+  with sharding.context(run.mesh, run.config):
+    return evaluation.bayes_accuracy(log_probs_fn, run.variables["params"],
+                                     batches, jax.random.PRNGKey(seed),
+                                     num_images)
 
 
 def sample_quality_at(run, clf, real_features, cfg_scales, num_samples: int,
@@ -172,21 +202,34 @@ def write_sweep(rows: list, path_prefix: str) -> None:
   fig.savefig(path_prefix + ".png", dpi=100)
 
 
+def _suffix(name: str, value) -> str:
+  """`_logit_temp0.5`, `_proposalbalance`: an override in a file name."""
+  return f"_{name}{value:g}" if isinstance(value, float) else f"_{name}{value}"
+
+
 def evaluate(workdir: str, *, step=None, split=None, num_samples=None,
              cfg_scale=None, sweep: bool = False, batch_size: int = 250,
              seed: int = 0, student_workdir=None,
-             inception_weights=None, logit_temp=None,
-             scale_temp=None) -> dict:
+             inception_weights=None, bayes_images=None,
+             **sampling_overrides) -> dict:
   """Everything the CLI reports, as a dict (also written as JSON).
 
   With `student_workdir`, samples are decoded by the distilled one-step
   student instead of the exact inverse: same seeds, so the same latents,
   and the JSON goes to `eval/<step>_student.json`. `inception_weights`
-  overrides `config.inception.weights` ('' skips FID / IS);
-  `logit_temp` / `scale_temp` override `config.sample`'s temperatures.
+  overrides `config.inception.weights` ('' skips FID / IS); `bayes_images`
+  overrides `config.eval_bayes_images` (0 skips the Bayes-rule accuracy).
+  `sampling_overrides` (`sampling.SamplingOptions` fields, e.g.
+  `logit_temp=0.5`; None = unset) replace `config.sample`'s options; the
+  JSON records every option used (`sampling`) and goes to a file named
+  after the overrides, e.g. `eval/<step>_logit_temp0.5.json`.
   """
   run = inference.restore(workdir, step)
   config = run.config
+  overrides = {k: v for k, v in sampling_overrides.items() if v is not None}
+  # Bad sampling options fail here, before anything is computed.
+  options = inference.sampling_kwargs(config.sample, cfg_scale=cfg_scale,
+                                      **overrides)
   inc = config.inception
   if inception_weights is None:
     inception_weights = inc.weights
@@ -201,11 +244,12 @@ def evaluate(workdir: str, *, step=None, split=None, num_samples=None,
   result = dict(step=run.step, split=split,
                 decoder="student" if decoder else "exact",
                 **exact_bpd(run, split, seed))
-  temps = {k: v for k, v in (("logit_temp", logit_temp),
-                             ("scale_temp", scale_temp)) if v is not None}
-  # Non-default decoders and temperatures get their own files.
+  result.update(bayes_accuracy(
+      run, split, seed,
+      config.eval_bayes_images if bayes_images is None else bayes_images))
+  # Non-default decoders and sampling options get their own files.
   suffix = ("_student" if decoder else "") + "".join(
-      f"_{k}{v:g}" for k, v in temps.items())
+      _suffix(k, v) for k, v in options.items() if k in overrides)
   os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
   n = config.sample.num_eval_samples if num_samples is None else num_samples
   has_clf = config.classifier.steps > 0 and config.model.num_classes >= 2
@@ -230,13 +274,13 @@ def evaluate(workdir: str, *, step=None, split=None, num_samples=None,
     ref_split = inc.reference_split or split
     if ev is not None:
       ref = inception_reference(run, ref_split, ev, inc.num_real)
-    w = config.sample.cfg_scale if cfg_scale is None else cfg_scale
+    w = options["cfg_scale"]
     scales = sorted(set(config.sample.cfg_sweep) | {w}) if sweep else [w]
+    result["sampling"] = options  # at w; a sweep varies cfg_scale only.
     result["sampling_temperatures"] = dict(
-        logit_temp=temps.get("logit_temp", config.sample.logit_temp),
-        scale_temp=temps.get("scale_temp", config.sample.scale_temp))
+        logit_temp=options["logit_temp"], scale_temp=options["scale_temp"])
     rows = sample_quality_at(run, clf, real_feats, scales, n, seed,
-                             batch_size, decoder, ev, ref, **temps)
+                             batch_size, decoder, ev, ref, **overrides)
     result["samples"] = dict(next(r for r in rows if r["cfg_scale"] == w))
     if has_clf:
       train_real, _ = classifier.real_images(
@@ -265,11 +309,12 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   result = evaluate(FLAGS.workdir, step=FLAGS.step, split=FLAGS.split,
-                    num_samples=FLAGS.num_samples, cfg_scale=FLAGS.cfg_scale,
-                    sweep=FLAGS.sweep, batch_size=FLAGS.batch_size,
-                    seed=FLAGS.seed, student_workdir=FLAGS.student_workdir,
+                    num_samples=FLAGS.num_samples, sweep=FLAGS.sweep,
+                    batch_size=FLAGS.batch_size, seed=FLAGS.seed,
+                    student_workdir=FLAGS.student_workdir,
                     inception_weights=FLAGS.inception_weights,
-                    logit_temp=FLAGS.logit_temp, scale_temp=FLAGS.scale_temp)
+                    bayes_images=FLAGS.bayes_images,
+                    **inference.sampling_flags())
   print(json.dumps(result))
 
 

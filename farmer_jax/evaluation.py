@@ -5,6 +5,10 @@ so the number is reproducible; it is split into the flow log-det, the
 informative (per-token mixtures) and redundant (shared mixture) parts plus
 the constant `log2(127.5)` of the pixel bin:
 `bpd = bpd_flow + bpd_I + bpd_R + log2(127.5)`.
+
+A class-conditional model is also a classifier by Bayes' rule with a uniform
+class prior: `argmax_c log p(x | c)` (`class_log_probs`, `bayes_accuracy`),
+on the same dequantised images as the bits/dim.
 """
 import math
 import os
@@ -18,6 +22,7 @@ from PIL import Image
 from farmer_jax import classifier
 from farmer_jax import input_pipeline
 from farmer_jax import nll
+from farmer_jax.models import Farmer
 
 BIN_BITS = nll.LOG_BIN / math.log(2.0)
 
@@ -30,6 +35,51 @@ def eval_terms(model, params, batch, rng, num_dims: int):
   return dict(bpd=nll.bits_per_dim(-out["log_prob"], num_dims),
               bpd_flow=to_bits(out["logdet"]), bpd_I=to_bits(out["logp_I"]),
               bpd_R=to_bits(out["logp_R"]))
+
+
+def class_log_probs(model, params, batch, rng, num_classes: int):
+  """`log p(x | c)` (nats) of each image for every class, `[B, C]`.
+
+  One uniform dequantisation (as `eval_terms`, the same `rng` gives the same
+  `x`) serves every class, so the classes are compared on one `x`. Classes
+  run one after another (`lax.map`): the memory of one forward pass.
+  """
+  x = nll.uniform_dequantize(rng, batch["image"])
+
+  def log_prob(c):
+    labels = jnp.full(x.shape[:1], c, jnp.int32)
+    return model.apply({"params": params}, x, labels, method=Farmer.log_prob)
+
+  return jax.lax.map(log_prob, jnp.arange(num_classes)).T
+
+
+def bayes_accuracy(log_probs_fn, params, batches, rng,
+                   num_images: int) -> dict:
+  """Accuracy of `argmax_c log p(x | c)` on the first `num_images` images.
+
+  Args:
+    log_probs_fn: jitted `class_log_probs` with model and classes bound.
+    params: (EMA) parameters.
+    batches: iterable of global batches with `image`, `label`, `mask`.
+    rng: base key; batch `i` uses `fold_in(rng, i)` (as `evaluate_bpd`).
+    num_images: real (mask == 1) images to classify, at most.
+
+  Returns:
+    `{bayes_accuracy, bayes_num_images}`.
+  """
+  hits, count = [], 0
+  for i, batch in enumerate(batches):
+    log_p = to_host(log_probs_fn(params, batch, jax.random.fold_in(rng, i)))
+    keep = to_host(batch["mask"]) > 0
+    keep &= count + np.cumsum(keep) <= num_images
+    labels = to_host(batch["label"])
+    hits.append(np.argmax(log_p, axis=-1)[keep] == labels[keep])
+    count += int(keep.sum())
+    if count >= num_images:
+      break  # every process holds the same masks: all stop here.
+  hits = np.concatenate(hits) if hits else np.zeros((0,), bool)
+  return dict(bayes_accuracy=float(hits.mean()) if len(hits) else math.nan,
+              bayes_num_images=int(len(hits)))
 
 
 def summarize(per_image: dict, masks: list) -> dict:

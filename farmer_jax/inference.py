@@ -8,15 +8,20 @@ the notebook start here.
 
 `generate` is the sharded, jitted sampler of a run: labels are padded to a
 multiple of the batch shards, split over the mesh's batch axes, and the
-samples come back as uint8 on the host.
+samples come back as uint8 on the host. Its options are every
+`sampling.SamplingOptions` field, from `config.sample` unless overridden
+(`sampling_kwargs`); `define_sampling_flags` gives a CLI one flag per option.
 """
 import dataclasses
 import functools
 import json
+import numbers
 import os
+import sys
 import time
 from typing import Any, Optional, Sequence
 
+from absl import flags
 from absl import logging
 import jax
 import ml_collections
@@ -62,6 +67,10 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raw = json.load(f)
   for section, defaults in _ADDED_SECTIONS.items():
     raw.setdefault(section, dict(defaults))
+  for section, defaults in config_lib.ADDED_KEYS.items():
+    node = raw[section] if section else raw
+    for key, value in defaults.items():
+      node.setdefault(key, value(node) if callable(value) else value)
   return ml_collections.ConfigDict(_tuples(raw))
 
 
@@ -141,16 +150,70 @@ def restore(workdir: str, step: Optional[int] = None,
              int(state.step), trainer.mesh, workdir)
 
 
+def _as_field_type(field: dataclasses.Field, value):
+  """Config / JSON numbers as the option's type (ints stay ints)."""
+  if field.type is float and isinstance(value, numbers.Real):
+    return float(value)
+  if field.type is int and isinstance(value, numbers.Real) and value == int(
+      value):
+    return int(value)
+  return value  # anything else: `SamplingOptions` says what is wrong.
+
+
 def sampling_kwargs(sample_config, **overrides) -> dict:
-  """`sampling.sample_images` options from `config.sample` (+ overrides)."""
-  kw = dict(cfg_scale=float(sample_config.cfg_scale),
-            num_candidates=int(sample_config.num_candidates),
-            num_uncond_candidates=int(sample_config.num_uncond_candidates),
-            guidance=sample_config.guidance,
-            logit_temp=float(sample_config.logit_temp),
-            scale_temp=float(sample_config.scale_temp))
-  kw.update(overrides)
+  """Every `sampling.SamplingOptions` field from `config.sample`.
+
+  Args:
+    sample_config: `config.sample`.
+    **overrides: options that replace the config's; None leaves the
+      config's value (an unset CLI flag).
+
+  Returns:
+    `{field: value}` for `sampling.sample_images`, already checked by
+    `SamplingOptions` (a bad value fails here, before anything compiles).
+
+  Raises:
+    ValueError: an unknown option or a bad value.
+  """
+  fields = dataclasses.fields(sampling.SamplingOptions)
+  unknown = set(overrides) - {f.name for f in fields}
+  if unknown:
+    raise ValueError(f"Unknown sampling option(s) {sorted(unknown)}; known: "
+                     f"{[f.name for f in fields]}.")
+  kw = {}
+  for f in fields:
+    value = overrides.get(f.name)
+    kw[f.name] = _as_field_type(
+        f, sample_config[f.name] if value is None else value)
+  sampling.SamplingOptions(**kw)
   return kw
+
+
+def define_sampling_flags() -> None:
+  """One CLI flag per `SamplingOptions` field; None: `config.sample`'s.
+
+  Called by a program's `define_flags`; the flags are filed under the main
+  module (absl keys it by `sys.argv[0]`) so that its `--help` lists them.
+  """
+  main = dict(module_name=sys.argv[0])
+  for f in dataclasses.fields(sampling.SamplingOptions):
+    text = f"{f.metadata['help']} Default: config.sample.{f.name}."
+    if f.metadata["choices"]:
+      flags.DEFINE_enum(f.name, None, list(f.metadata["choices"]), text,
+                        **main)
+    elif f.type is int:
+      flags.DEFINE_integer(f.name, None, text, **main)
+    elif f.type is float:
+      flags.DEFINE_float(f.name, None, text, **main)
+    else:
+      flags.DEFINE_string(f.name, None, text, **main)
+
+
+def sampling_flags() -> dict:
+  """The sampling options set on the command line (`define_sampling_flags`)."""
+  values = {f.name: flags.FLAGS[f.name].value
+            for f in dataclasses.fields(sampling.SamplingOptions)}
+  return {k: v for k, v in values.items() if v is not None}
 
 
 @functools.lru_cache(maxsize=16)

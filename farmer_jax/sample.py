@@ -4,10 +4,16 @@ r"""Samples a trained run: a PNG grid and an `.npz` of uint8 images + labels.
       --labels=0,1,2,3,4,5,6,7,8,9 --cfg_scale=1.0 --num_candidates=16 \
       --seed=0 --out=workdirs/digits/samples/grid.png
 
-Restores the latest checkpoint's EMA parameters (or `--step`). Options left
-unset come from the run's `config.sample` (spec 6-7). `--labels` cycles over
-the samples (default: all classes in turn). Writes `OUT` (PNG grid) and
-`OUT` with `.npz` (arrays `images` uint8 `[B, H, W, C]`, `labels` `[B]`).
+Restores the latest checkpoint's EMA parameters (or `--step`). Every
+sampling option (`sampling.SamplingOptions`: `--cfg_scale`, `--guidance`,
+`--proposal`, `--num_candidates`, `--num_uncond_candidates`, the
+temperatures `--logit_temp`, `--scale_temp`, `--weigh_logit_temp`,
+`--weigh_scale_temp`, `--resample_temp`, and `--r_num_candidates`,
+`--r_num_uncond_candidates`, `--r_var_scale` for z^R) has a flag; those
+left unset come from the run's `config.sample` (spec 6-7). `--labels`
+cycles over the samples (default: all classes in turn). Writes `OUT` (PNG
+grid) and `OUT` with `.npz` (arrays `images` uint8 `[B, H, W, C]`, `labels`
+`[B]`).
 """
 import os
 
@@ -29,12 +35,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_samples", 64, "Number of images.")
   flags.DEFINE_list("labels", None, "Classes, cycled over the samples "
                     "(default: 0..num_classes-1 in turn).")
-  flags.DEFINE_float("cfg_scale", None, "Guidance weight w (0 = none).")
-  flags.DEFINE_integer("num_candidates", None, "Resampling CFG candidates.")
-  flags.DEFINE_enum("guidance", None, ["resample", "rejection", "closed_form",
-                                       "none"], "Guidance rule (spec 7).")
-  flags.DEFINE_float("logit_temp", None, "Mixture logit temperature.")
-  flags.DEFINE_float("scale_temp", None, "Mixture scale factor.")
+  inference.define_sampling_flags()  # --cfg_scale, --num_candidates, ...
   flags.DEFINE_bool("denoise", None, "One Tweedie step (spec 6.3).")
   flags.DEFINE_enum("decoder", "exact", ["exact", "student"],
                     "Flow inverse: the exact sequential one, or the "
@@ -65,10 +66,7 @@ def main(argv) -> None:
   run = inference.restore(FLAGS.workdir, FLAGS.step)
   labels = sample_labels(FLAGS.labels, run.config.model.num_classes,
                          FLAGS.num_samples)
-  overrides = {k: FLAGS[k].value for k in ("cfg_scale", "num_candidates",
-                                           "guidance", "logit_temp",
-                                           "scale_temp")
-               if FLAGS[k].value is not None}
+  overrides = inference.sampling_flags()
   denoise = (run.config.sample.denoise if FLAGS.denoise is None
              else FLAGS.denoise)
   decoder = None

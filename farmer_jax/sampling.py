@@ -12,15 +12,35 @@ token chosen at each step is fed to both. The streams are stacked on a
 leading axis of size 2 and the prior is `vmap`ped over it, so one traced
 network step serves both and the batch axis stays where the caller sharded
 it. Each AR step (and each `z_i^R` draw) applies one of the rules below to
-the step's conditional and unconditional mixtures `p_c`, `p_u`, after the
-temperatures (logits / `logit_temp`, scales * `scale_temp`) are applied to
-both. The guided target is `p* ∝ p_c^{1+w} / p_u^w`, `w = cfg_scale`.
+the step's conditional and unconditional mixtures `p_c`, `p_u`. The guided
+target is `p* ∝ p_c^{1+w} / p_u^w`, `w = cfg_scale`. `SamplingOptions` holds
+every knob; the paper's names (Algorithm 1, Table 6) are in brackets.
 
-* 'resample' (spec section 7, the default): draw `s` candidates from `p_c`
-  and `s'` from `p_u`; weigh each by `p*(z) / q(z)` with
-  `q = (s p_c + s' p_u) / (s + s')`; pick one with probability proportional
-  to its weight (self-normalised importance resampling; exact as
-  `s + s' -> inf`, and exactly `p_c` for `w = 0`).
+* 'resample' (spec section 7, the default), three stages:
+  - propose: `s_c` candidates from `p_c` and `s_u` from `p_u`
+    [`num_candidates`, `num_uncond_candidates`], both drawn with the
+    proposal temperatures: logits / `T_pi`, scales * `T_sigma`
+    [`logit_temp`, `scale_temp`];
+  - weigh: `p_c`, `p_u` evaluated with their own temperatures `T_pi_v`,
+    `T_sigma_v` [`weigh_logit_temp`, `weigh_scale_temp`], `D = log p_c -
+    log p_u`. `proposal='paper'` (Algorithm 1): `log w = w D` for candidates
+    from `p_c` and `(w+1) D` for candidates from `p_u` (each is `p* / p_c`
+    or `p* / p_u` up to one shared constant). `proposal='balance'` (ours,
+    earlier): `log w = log p* - log q` with `p* ∝ p_u e^{(1+w) D}` from the
+    weigh-tempered mixtures and the balance-heuristic proposal
+    `q = (s_c p_c + s_u p_u) / (s_c + s_u)` from the proposal-tempered ones;
+  - resample: one candidate with probability `softmax(T_s log w)`
+    [`resample_temp`]; `T_s > 1` sharpens.
+  As `s_c + s_u -> inf` (fixed ratio) the draw has the density
+  `∝ sum_g s_g q_g(z) w_g(z)^{T_s}` over the two groups `g` (`q_g`: the
+  group's proposal, `w_g` its weight function). With every temperature 1
+  (`T_s` too) both rules make this `p*` exactly: self-normalised importance
+  resampling, biased by O(1/s) at finite `s`. Otherwise they differ:
+  'paper' keeps the proposal temperatures in the result (e.g. `s_u = 0`,
+  `T_s = 1` gives `p_c^{T_pi,T_sigma} (p_c^v / p_u^v)^w`), while 'balance'
+  divides the proposal out, so `T_pi`, `T_sigma` only change which
+  candidates exist and, with `T_s = 1`, the result is `p*` of the
+  weigh-tempered mixtures.
 * 'rejection' (GIVT / JetFormer, big_vision `givt/parallel_decode.py`
   `CFGDensity`): pick one component index `k ~ p_c`'s logits and take the
   Gaussians of component `k` of both mixtures; then, independently per
@@ -35,8 +55,19 @@ both. The guided target is `p* ∝ p_c^{1+w} / p_u^w`, `w = cfg_scale`.
   `(1+w)/s_c^2 - w/s_u^2` and mean `((1+w) m_c/s_c^2 - w m_u/s_u^2) / prec`;
   sampled directly (falls back to `N(m_c, s_c)` where the precision is not
   positive, i.e. where the target is improper).
+  The two component rules temper both mixtures with `T_pi`, `T_sigma` and
+  have no weigh or resample stage.
 * 'none', or `cfg_scale == 0`, or an unconditional model: plain conditional
-  sampling with one stream.
+  sampling with one stream, with `T_pi`, `T_sigma`.
+
+The redundant channels (`draw(..., redundant=True)`) use the same rule
+with their own counts `r_num_candidates`, `r_num_uncond_candidates` (the
+paper: "larger", no value) and `r_var_scale`, a factor on the variance of
+the mixtures `z^R` is drawn from (paper Figure 7: 0 .. 4): unguided, `GMM_R`
+itself (0: the chosen component's mean); 'resample', the proposals (so
+under 'balance' only 0, candidates at component means, changes the limit);
+'rejection' / 'closed_form', the per-dimension guided Gaussian (0: its
+mean).
 
 Everything is jittable with the options bound statically (e.g. with
 `functools.partial`), deterministic given `rng`, and batch-parallel: no
@@ -45,12 +76,14 @@ caller jits it with sharded `labels`.
 """
 import dataclasses
 import math
+import numbers
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
 from farmer_jax.config_lib import GUIDANCE_RULES
+from farmer_jax.config_lib import PROPOSALS
 from farmer_jax.models import Farmer
 from farmer_jax.models import gmm
 
@@ -59,35 +92,107 @@ from farmer_jax.models import gmm
 _REJECTION_WINDOW = 6.0
 
 
+def _option(default, help_text: str, choices: tuple = ()):
+  """A `SamplingOptions` field; `help_text` and `choices` make its CLI flag."""
+  return dataclasses.field(default=default,
+                           metadata=dict(help=help_text, choices=choices))
+
+
+def _count(low: int):
+  """Check: an integer (not a bool) >= `low`."""
+  return lambda v: (isinstance(v, numbers.Integral)
+                    and not isinstance(v, bool) and v >= low)
+
+
+def _number(ok):
+  """Check: a finite real number (not a bool) for which `ok` holds."""
+  return lambda v: (isinstance(v, numbers.Real) and not isinstance(v, bool)
+                    and math.isfinite(v) and ok(v))
+
+
+# (field, check, what it must be): the checks of `SamplingOptions`.
+_OPTION_CHECKS = (
+    ("cfg_scale", _number(lambda v: v >= 0), "a number >= 0 (0: no guidance)"),
+    ("guidance", lambda v: v in GUIDANCE_RULES, f"one of {GUIDANCE_RULES}"),
+    ("num_candidates", _count(1), "an integer >= 1"),
+    ("num_uncond_candidates", _count(0), "an integer >= 0"),
+    ("logit_temp", _number(lambda v: v > 0), "a number > 0"),
+    ("scale_temp", _number(lambda v: v > 0), "a number > 0"),
+    ("weigh_logit_temp", _number(lambda v: v > 0), "a number > 0"),
+    ("weigh_scale_temp", _number(lambda v: v > 0), "a number > 0"),
+    ("resample_temp", _number(lambda v: v > 0), "a number > 0"),
+    ("proposal", lambda v: v in PROPOSALS, f"one of {PROPOSALS}"),
+    ("r_num_candidates", _count(1), "an integer >= 1"),
+    ("r_num_uncond_candidates", _count(0), "an integer >= 0"),
+    ("r_var_scale", _number(lambda v: v >= 0),
+     "a number >= 0 (0: component means)"),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
   """Static options of one sampler (see the module docstring).
 
+  Every field is also a key of `config.sample` (`inference.sampling_kwargs`
+  passes them all) and a flag of `farmer_jax.sample` / `.evaluate`. The
+  paper's names (Algorithm 1, Table 6) are in brackets.
+
   Attributes:
-    cfg_scale: guidance weight `w`; 0 = plain conditional sampling.
-    num_candidates: 'resample': candidates from `p_c` (`s`); 'rejection':
+    cfg_scale: guidance weight [`w`]; 0 = plain conditional sampling.
+    num_candidates: [`s_c`] 'resample': candidates from `p_c`; 'rejection':
       proposals tried per dimension (GIVT tries 1000; acceptance falls as
       `w` grows, and a dimension with none accepted falls back to `p_c`).
-    num_uncond_candidates: 'resample': candidates from `p_u` (`s'`).
+    num_uncond_candidates: [`s_u`] 'resample': candidates from `p_u`.
     guidance: one of `GUIDANCE_RULES`.
-    logit_temp: temperature on mixture logits (1 = exact).
-    scale_temp: factor on mixture scales (1 = exact).
+    logit_temp: [`T_pi`] temperature on the mixture logits that tokens (or
+      'resample''s candidates) are drawn with; 1 = exact.
+    scale_temp: [`T_sigma`] factor on those mixtures' scales; 1 = exact.
+    weigh_logit_temp: [`T_pi_v`] 'resample': temperature on the logits of
+      `p_c`, `p_u` as the weigh stage evaluates them.
+    weigh_scale_temp: [`T_sigma_v`] 'resample': factor on their scales there.
+    resample_temp: [`T_s`] 'resample': a candidate is picked with
+      probability `softmax(T_s log w)`; > 1 sharpens.
+    proposal: 'resample''s log-weights: 'paper' (Algorithm 1) or 'balance'
+      (the balance heuristic); one of `PROPOSALS`.
+    r_num_candidates: `s_c` of the redundant channels' draws.
+    r_num_uncond_candidates: `s_u` of the redundant channels' draws.
+    r_var_scale: factor on the variance of the mixtures `z^R` is drawn from
+      (module docstring); 1 = exact, 0 = component means.
   """
-  cfg_scale: float = 0.0
-  num_candidates: int = 16
-  num_uncond_candidates: int = 0
-  guidance: str = "resample"
-  logit_temp: float = 1.0
-  scale_temp: float = 1.0
+  cfg_scale: float = _option(0.0, "Guidance weight w (0: none).")
+  num_candidates: int = _option(
+      16, "s_c: 'resample' candidates from p_c per step; 'rejection' tries.")
+  num_uncond_candidates: int = _option(
+      0, "s_u: 'resample' candidates from p_u per step.")
+  guidance: str = _option("resample", "Guidance rule (spec 7).",
+                          GUIDANCE_RULES)
+  logit_temp: float = _option(
+      1.0, "T_pi: logit temperature of sampling / proposals.")
+  scale_temp: float = _option(
+      1.0, "T_sigma: scale factor of sampling / proposals.")
+  weigh_logit_temp: float = _option(
+      1.0, "T_pi_v: logit temperature of p_c, p_u in the weigh stage.")
+  weigh_scale_temp: float = _option(
+      1.0, "T_sigma_v: scale factor of p_c, p_u in the weigh stage.")
+  resample_temp: float = _option(
+      1.0, "T_s: pick from softmax(T_s log w); > 1 sharpens.")
+  proposal: str = _option(
+      "paper", "'resample' weights: the paper's or the balance heuristic.",
+      PROPOSALS)
+  r_num_candidates: int = _option(
+      16, "s_c of the redundant channels' draws.")
+  r_num_uncond_candidates: int = _option(
+      0, "s_u of the redundant channels' draws.")
+  r_var_scale: float = _option(
+      1.0, "Factor on the variance of z^R's mixture (0: component means).")
 
   def __post_init__(self):
-    if self.guidance not in GUIDANCE_RULES:
-      raise ValueError(f"guidance={self.guidance!r}: use one of "
-                       f"{GUIDANCE_RULES}.")
-    if self.guided and self.num_candidates < 1:
-      raise ValueError(f"num_candidates={self.num_candidates}: need >= 1.")
-    if self.num_uncond_candidates < 0:
-      raise ValueError("num_uncond_candidates must be >= 0.")
+    for name, ok, what in _OPTION_CHECKS:
+      value = getattr(self, name)
+      if not ok(value):
+        raise ValueError(
+            f"sampling option {name}={value!r} must be {what}; set "
+            f"config.sample.{name} (or --{name}) to such a value.")
 
   @property
   def guided(self) -> bool:
@@ -110,33 +215,57 @@ def _draws(rng: jax.Array, mix: gmm.Mixture, n: int) -> jax.Array:
 
 
 def resample_cfg(rng: jax.Array, mix_c: gmm.Mixture, mix_u: gmm.Mixture,
-                 cfg_scale: float, num_cond: int,
-                 num_uncond: int = 0) -> jax.Array:
-  """Resampling CFG (spec section 7): one draw per leading index.
+                 cfg_scale: float, num_cond: int, num_uncond: int = 0, *,
+                 weigh_c: Optional[gmm.Mixture] = None,
+                 weigh_u: Optional[gmm.Mixture] = None,
+                 proposal: str = "paper",
+                 resample_temp: float = 1.0) -> jax.Array:
+  """Resampling CFG (spec section 7, Algorithm 1): one draw per leading index.
 
   Args:
     rng: PRNG key.
-    mix_c: conditional mixture, leading axes `[...]`.
-    mix_u: unconditional mixture, same shapes.
+    mix_c: the conditional proposal (proposal temperatures applied), any
+      leading axes `[...]`.
+    mix_u: the unconditional proposal, same shapes.
     cfg_scale: `w`.
-    num_cond: `s`, candidates drawn from `p_c`.
-    num_uncond: `s'`, candidates drawn from `p_u`.
+    num_cond: `s_c`, candidates drawn from `mix_c`.
+    num_uncond: `s_u`, candidates drawn from `mix_u`.
+    weigh_c: `p_c` as the weigh stage evaluates it (weigh temperatures
+      applied); None: `mix_c`.
+    weigh_u: `p_u` likewise; None: `mix_u`.
+    proposal: the log-weights, 'paper' or 'balance' (module docstring).
+    resample_temp: `T_s`; a candidate is picked with probability
+      `softmax(T_s log w)`.
 
   Returns:
-    `[..., d]`, approximately distributed as `p_c^{1+w} / p_u^w`.
+    `[..., d]`; with the weigh mixtures equal to the proposals and
+    `T_s = 1`, approximately distributed as `p_c^{1+w} / p_u^w` (exact as
+    `num_cond + num_uncond -> inf`).
   """
+  weigh_c = mix_c if weigh_c is None else weigh_c
+  weigh_u = mix_u if weigh_u is None else weigh_u
   rng_c, rng_u, rng_pick = jax.random.split(rng, 3)
   cands = [_draws(rng_c, mix_c, num_cond)]
   if num_uncond:
     cands.append(_draws(rng_u, mix_u, num_uncond))
   z = jnp.concatenate(cands, axis=0)  # [S, ..., d]
-  logp_c, logp_u = gmm.log_prob(z, mix_c), gmm.log_prob(z, mix_u)
-  log_target = logp_u + (1.0 + cfg_scale) * (logp_c - logp_u)
-  total = num_cond + num_uncond
-  log_q = logp_c if not num_uncond else jnp.logaddexp(
-      math.log(num_cond / total) + logp_c,
-      math.log(num_uncond / total) + logp_u)
-  pick = jax.random.categorical(rng_pick, log_target - log_q, axis=0)
+  logp_c, logp_u = gmm.log_prob(z, weigh_c), gmm.log_prob(z, weigh_u)
+  w = cfg_scale
+  if proposal == "paper":
+    # p* / p_c ∝ (p_c / p_u)^w and p* / p_u ∝ (p_c / p_u)^(w+1), with the
+    # same constant: one weight function per candidate group.
+    from_u = jnp.arange(num_cond + num_uncond) >= num_cond
+    coef = jnp.where(from_u, w + 1.0, w).reshape((-1,) + (1,) * (z.ndim - 2))
+    log_w = coef * (logp_c - logp_u)
+  else:  # 'balance': p* / q with q the mixture of both proposals.
+    log_target = logp_u + (1.0 + w) * (logp_c - logp_u)
+    q_c = logp_c if weigh_c is mix_c else gmm.log_prob(z, mix_c)
+    q_u = logp_u if weigh_u is mix_u else gmm.log_prob(z, mix_u)
+    total = num_cond + num_uncond
+    log_q = q_c if not num_uncond else jnp.logaddexp(
+        math.log(num_cond / total) + q_c, math.log(num_uncond / total) + q_u)
+    log_w = log_target - log_q
+  pick = jax.random.categorical(rng_pick, resample_temp * log_w, axis=0)
   return jnp.take_along_axis(z, pick[None, ..., None], axis=0)[0]
 
 
@@ -195,8 +324,12 @@ def rejection_cfg(rng: jax.Array, mix_c: gmm.Mixture, mix_u: gmm.Mixture,
 
 
 def closed_form_cfg(rng: jax.Array, mix_c: gmm.Mixture, mix_u: gmm.Mixture,
-                    cfg_scale: float) -> jax.Array:
-  """Exact per-dimension CFG Gaussian on the paired component, `[..., d]`."""
+                    cfg_scale: float, noise_scale: float = 1.0) -> jax.Array:
+  """Exact per-dimension CFG Gaussian on the paired component, `[..., d]`.
+
+  `noise_scale` multiplies the Gaussian's std: the same as multiplying both
+  mixtures' scales by it (the mean is unchanged), and 0 gives the mean.
+  """
   rng_k, rng_n = jax.random.split(rng)
   m_c, s_c, m_u, s_u = _paired_component(rng_k, mix_c, mix_u)
   w = cfg_scale
@@ -206,22 +339,52 @@ def closed_form_cfg(rng: jax.Array, mix_c: gmm.Mixture, mix_u: gmm.Mixture,
   mean = jnp.where(proper, ((1 + w) * m_c / s_c ** 2 - w * m_u / s_u ** 2)
                    / safe, m_c)
   scale = jnp.where(proper, jax.lax.rsqrt(safe), s_c)
-  return mean + scale * jax.random.normal(rng_n, m_c.shape)
+  return mean + noise_scale * scale * jax.random.normal(rng_n, m_c.shape)
 
 
 def draw(rng: jax.Array, mix_c: gmm.Mixture, mix_u: Optional[gmm.Mixture],
-         opts: SamplingOptions) -> jax.Array:
-  """One token per leading index under `opts` (`mix_u=None`: unguided)."""
+         opts: SamplingOptions, redundant: bool = False) -> jax.Array:
+  """One token per leading index of the mixtures under `opts`.
+
+  Args:
+    rng: PRNG key.
+    mix_c: the conditional mixture, any leading axes `[...]` (e.g. `[B]` for
+      an AR step or a shared `GMM_R`, `[B, N]` for per-token mixtures).
+    mix_u: the unconditional mixture with the same shapes; None: unguided.
+    opts: the options.
+    redundant: a draw of `z^R`: `r_num_candidates`,
+      `r_num_uncond_candidates` and `r_var_scale` apply.
+
+  Returns:
+    `[..., d]`.
+  """
+  spread = math.sqrt(opts.r_var_scale) if redundant else 1.0
   if mix_u is None or not opts.guided:
-    return gmm.sample(rng, mix_c, opts.logit_temp, opts.scale_temp)
-  mix_c = temper(mix_c, opts.logit_temp, opts.scale_temp)
-  mix_u = temper(mix_u, opts.logit_temp, opts.scale_temp)
+    return gmm.sample(rng, mix_c, opts.logit_temp, opts.scale_temp * spread)
   w = opts.cfg_scale
   if opts.guidance == "resample":
-    return resample_cfg(rng, mix_c, mix_u, w, opts.num_candidates,
-                        opts.num_uncond_candidates)
+    num_c, num_u = ((opts.r_num_candidates, opts.r_num_uncond_candidates)
+                    if redundant else
+                    (opts.num_candidates, opts.num_uncond_candidates))
+    proposal_temps = (opts.logit_temp, opts.scale_temp * spread)
+    weigh_temps = (opts.weigh_logit_temp, opts.weigh_scale_temp)
+    propose = lambda m: temper(m, *proposal_temps)
+    # None: the proposal itself ('balance' then needs two log-probs, not 4).
+    weigh = lambda m: None if weigh_temps == proposal_temps else temper(
+        m, *weigh_temps)
+    return resample_cfg(rng, propose(mix_c), propose(mix_u), w, num_c, num_u,
+                        weigh_c=weigh(mix_c), weigh_u=weigh(mix_u),
+                        proposal=opts.proposal,
+                        resample_temp=opts.resample_temp)
+  if spread == 0:  # the guided Gaussian's mean, both rules' limit.
+    mix_c, mix_u = (temper(m, opts.logit_temp, opts.scale_temp)
+                    for m in (mix_c, mix_u))
+    return closed_form_cfg(rng, mix_c, mix_u, w, noise_scale=0.0)
+  mix_c, mix_u = (temper(m, opts.logit_temp, opts.scale_temp * spread)
+                  for m in (mix_c, mix_u))
   if opts.guidance == "rejection":
-    return rejection_cfg(rng, mix_c, mix_u, w, opts.num_candidates)
+    tries = opts.r_num_candidates if redundant else opts.num_candidates
+    return rejection_cfg(rng, mix_c, mix_u, w, tries)
   return closed_form_cfg(rng, mix_c, mix_u, w)
 
 
@@ -282,14 +445,26 @@ def _decode_informative(model, params, rng, mix, caches, opts,
   return jnp.swapaxes(z_nbd, 0, 1), mixes, caches
 
 
-def _decode_redundant(model, params, rng, caches, opts):
-  """Extra token -> shared `GMM_R`; draws every `z_i^R`: `([B,N,d_R], mix)`."""
-  mix_r = _prior_fn(model, params, "decode_extra", 0)(caches)
+def _decode_redundant(model, params, rng, z_i, caches, opts):
+  """Extra token -> `GMM_R`; draws every `z_i^R`: `([B,N,d_R], mix)`.
+
+  `mix` has leading axes `[S, B]` (the paper's shared mixture) or `[S, B,
+  N]` (`redundant_prior='token'`: one mixture per token, given `z_i^I`).
+  """
+  mix_r = _prior_fn(model, params, "decode_extra", (0, None))(caches, z_i)
   mix_c, mix_u = _split_streams(mix_r)
-  # One token at a time (lax.map): guided candidates for all N tokens at
-  # once would need N x the memory of one step.
-  z_nbd = jax.lax.map(lambda key: draw(key, mix_c, mix_u, opts),
-                      jax.random.split(rng, model.num_tokens))
+  per_token = mix_r.logits.ndim == 4  # [S, B, N, K]
+
+  def draw_token(xs):
+    key, i = xs
+    # One token at a time (lax.map): guided candidates for all N tokens at
+    # once would need N x the memory of one step.
+    take = lambda m: None if m is None else jax.tree.map(
+        lambda a: a[:, i], m) if per_token else m
+    return draw(key, take(mix_c), take(mix_u), opts, redundant=True)
+
+  n = model.num_tokens
+  z_nbd = jax.lax.map(draw_token, (jax.random.split(rng, n), jnp.arange(n)))
   return jnp.swapaxes(z_nbd, 0, 1), mix_r
 
 
@@ -309,7 +484,8 @@ def decode_latents(model: Farmer, params: Any, rng: jax.Array,
   Returns:
     `(z [B, N, d], mixtures)`; `mixtures` is a dict with `mix_I` (leading
     axes `[S, B, N]`: the mixture each `z_i^I` was drawn from, stream 0
-    conditional, stream 1 unconditional when guided) and `mix_R` (`[S, B]`),
+    conditional, stream 1 unconditional when guided) and `mix_R` (`[S, B]`,
+    or `[S, B, N]` with `redundant_prior='token'`),
     or `None` unless `keep_mixtures`.
   """
   stream_labels = _stream_labels(model, labels, opts)
@@ -322,45 +498,36 @@ def decode_latents(model: Farmer, params: Any, rng: jax.Array,
                                          opts, keep_mixtures)
   mix_r = None
   if model.token_dim > model.config.d_I:
-    z_r, mix_r = _decode_redundant(model, params, rng_r, caches, opts)
+    z_r, mix_r = _decode_redundant(model, params, rng_r, z, caches, opts)
     z = jnp.concatenate([z, z_r], axis=-1)
   mixtures = dict(mix_I=mix_i, mix_R=mix_r) if keep_mixtures else None
   return z, mixtures
 
 
 def sample_latents(model: Farmer, params: Any, rng: jax.Array,
-                   labels: jax.Array, *, cfg_scale: float = 0.0,
-                   num_candidates: int = 16, num_uncond_candidates: int = 0,
-                   guidance: str = "resample", logit_temp: float = 1.0,
-                   scale_temp: float = 1.0,
-                   return_mixtures: bool = False):
+                   labels: jax.Array, *, return_mixtures: bool = False,
+                   **options):
   """Samples latents `z [B, N, d]` in the prior's token order (spec 6.1).
 
-  Keyword options are static (bind them before `jax.jit`); they are the
-  fields of `SamplingOptions`. The `gaussian` prior (TARFlow ablation) draws
-  `scale_temp * N(0, I)`.
+  The `gaussian` prior (TARFlow ablation) draws `scale_temp * N(0, I)`.
 
   Args:
     model: the `Farmer` module.
     params: its variables, `{'params': ...}`.
     rng: PRNG key.
     labels: `[B]` int class labels (any value for unconditional models).
-    cfg_scale: guidance weight `w`.
-    num_candidates: see `SamplingOptions`.
-    num_uncond_candidates: see `SamplingOptions`.
-    guidance: one of `GUIDANCE_RULES`.
-    logit_temp: temperature on mixture logits.
-    scale_temp: factor on mixture scales.
     return_mixtures: also return the mixtures used (see `decode_latents`).
+    **options: fields of `SamplingOptions` (`cfg_scale`, `guidance`,
+      `num_candidates`, ...), the rest at their defaults. They are static:
+      bind them before `jax.jit`.
 
   Returns:
     `z` float32 `[B, N, d]`, or `(z, mixtures)` with `return_mixtures`.
   """
-  opts = SamplingOptions(cfg_scale, num_candidates, num_uncond_candidates,
-                         guidance, logit_temp, scale_temp)
+  opts = SamplingOptions(**options)
   if model.config.prior == "gaussian":
     shape = (labels.shape[0], model.num_tokens, model.token_dim)
-    z, mixtures = scale_temp * jax.random.normal(rng, shape), None
+    z, mixtures = opts.scale_temp * jax.random.normal(rng, shape), None
   else:
     z, mixtures = decode_latents(model, params, rng, labels, opts,
                                  return_mixtures)

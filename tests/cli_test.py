@@ -6,11 +6,13 @@ fixed seeds, thresholds well inside what the trained model reaches
 (measured: accuracy 0.23 at w=0 and 0.36 at w=3 with 200 samples; chance
 is 0.10) and outside what an untrained or unguided sampler gives.
 """
+import functools
 import json
 import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,8 +20,12 @@ from PIL import Image
 import helpers
 from farmer_jax import classifier
 from farmer_jax import evaluate
+from farmer_jax import evaluation
 from farmer_jax import inference
+from farmer_jax import models
+from farmer_jax import nll
 from farmer_jax import score
+from farmer_jax import sharding
 
 NUM_SAMPLES = 200
 
@@ -83,11 +89,49 @@ def test_evaluate_writes_exact_bpd_and_sweep(run, trained_workdir):
   assert abs(parts + np.log2(127.5) - result["bpd"]) < 1e-4
   assert 0 < result["bpd_stderr"] < 0.2
   assert [r["cfg_scale"] for r in result["cfg_sweep"]] == [0.0, 1.0, 3.0]
+  # Every sampling option used is recorded; the Bayes-rule accuracy is there.
+  assert saved["sampling"] == inference.sampling_kwargs(run.config.sample)
+  assert saved["bayes_num_images"] == run.config.eval_bayes_images == 64
+  assert 0.0 <= saved["bayes_accuracy"] <= 1.0
   prefix = os.path.join(trained_workdir, "eval", f"cfg_sweep_{run.step}")
   lines = open(prefix + ".csv").read().splitlines()
   assert lines[0] == "cfg_scale,accuracy,frechet,num_samples"
   assert len(lines) == 4
   assert Image.open(prefix + ".png").size[0] > 100
+
+
+def test_bayes_accuracy_equals_a_loop_over_classes(run):
+  """`evaluation.bayes_accuracy` (one jitted call for all classes) == the
+  argmax over classes of `Farmer.log_prob` called once per class, on the
+  same dequantised images; padding and images past `num_images` ignored."""
+  images, labels = classifier.real_images(run.config, "test", limit=40)
+  pad = lambda a: np.concatenate([a, np.zeros((8,) + a.shape[1:], a.dtype)])
+  images, labels = pad(images), pad(labels)
+  mask = (np.arange(48) < 40).astype(np.float32)
+  batches = [dict(image=images[i:i + 16], label=labels[i:i + 16],
+                  mask=mask[i:i + 16]) for i in range(0, 48, 16)]
+  rng, num_images = jax.random.PRNGKey(3), 36
+  log_probs_fn = jax.jit(functools.partial(
+      evaluation.class_log_probs, run.model, num_classes=10))
+  log_prob = jax.jit(functools.partial(run.model.apply,
+                                       method=models.Farmer.log_prob))
+  hits = []
+  with sharding.context(run.mesh, run.config):
+    got = evaluation.bayes_accuracy(log_probs_fn, run.variables["params"],
+                                    batches, rng, num_images)
+    for i, batch in enumerate(batches):
+      key = jax.random.fold_in(rng, i)
+      x = nll.uniform_dequantize(key, batch["image"])
+      expected = np.stack([log_prob(run.variables, x, np.full(16, c))
+                           for c in range(10)], axis=-1)
+      np.testing.assert_allclose(
+          log_probs_fn(run.variables["params"], batch, key), expected,
+          rtol=1e-5, atol=1e-3)
+      hits.append(expected.argmax(-1) == batch["label"])
+  hits = np.concatenate(hits)[:num_images]
+  assert got == dict(bayes_accuracy=float(hits.mean()),
+                     bayes_num_images=num_images)
+  assert got["bayes_accuracy"] > 0.3  # chance is 0.1
 
 
 def _digit_and_noise(run, tmp_path):
@@ -139,7 +183,10 @@ def test_sample_and_score_clis(trained_workdir, tmp_path):
   out = str(tmp_path / "grid.png")
   proc = _cli("farmer_jax.sample", f"--workdir={trained_workdir}",
               "--num_samples=6", "--labels=2,7", "--cfg_scale=1",
-              "--num_candidates=4", "--seed=1", f"--out={out}")
+              "--num_candidates=4", "--num_uncond_candidates=2",
+              "--proposal=balance", "--weigh_logit_temp=0.5",
+              "--resample_temp=1.5", "--r_var_scale=0.5", "--seed=1",
+              f"--out={out}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   data = np.load(str(tmp_path / "grid.npz"))
   assert data["images"].shape == (6, 8, 8, 1)
@@ -164,6 +211,27 @@ def test_fit_mesh_keeps_a_fitting_mesh_and_replaces_one_that_does_not():
   config.mesh_shape = (16, 1, 1)  # e.g. trained on a 16-chip slice
   assert tuple(inference.fit_mesh(config, 8).mesh_shape) == (-1, 1, 1)
   assert tuple(config.mesh_shape) == (16, 1, 1)  # the caller's is untouched
+
+
+def test_runs_saved_before_the_sampling_options_still_load(tmp_path):
+  """An older config.json samples as it did: balance weights on the
+  sampling temperatures, one candidate count for z^I and z^R; Bayes off."""
+  config = helpers.load_config("digits", "tiny")
+  config.sample.logit_temp, config.sample.num_candidates = 0.7, 8
+  for key in ("proposal", "weigh_logit_temp", "weigh_scale_temp",
+              "resample_temp", "r_num_candidates", "r_num_uncond_candidates",
+              "r_var_scale"):
+    del config.sample[key]
+  del config["eval_bayes_images"]
+  inference.save_config(config, str(tmp_path))
+  loaded = inference.load_config(str(tmp_path))
+  assert inference.sampling_kwargs(loaded.sample) == dict(
+      cfg_scale=1.0, num_candidates=8, num_uncond_candidates=0,
+      guidance="resample", logit_temp=0.7, scale_temp=1.0,
+      weigh_logit_temp=0.7, weigh_scale_temp=1.0, resample_temp=1.0,
+      proposal="balance", r_num_candidates=8, r_num_uncond_candidates=0,
+      r_var_scale=1.0)
+  assert loaded.eval_bayes_images == 0
 
 
 def test_saved_config_round_trips_exactly(tmp_path):

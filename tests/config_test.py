@@ -6,6 +6,7 @@ config must validate for the devices it is meant for and have exactly the
 keys of configs/digits.py. Parameter counts of the ImageNet sizes are taken
 abstractly (`jax.eval_shape`), so no weights are allocated.
 """
+import dataclasses
 import os
 
 import flax.linen as nn
@@ -16,6 +17,8 @@ import pytest
 
 import helpers
 from farmer_jax import config_lib
+from farmer_jax import inference
+from farmer_jax import sampling
 from farmer_jax.config_lib import ConfigError
 from farmer_jax.models import Farmer
 
@@ -95,6 +98,23 @@ BAD = [
     ({"num_eval_batches": 0}, "config.num_eval_batches=0", "use -1"),
     ({"num_grid_images": 64}, "config.num_grid_images=64",
      "raise eval_batch_size"),
+    ({"sample.proposal": "jetformer"}, "config.sample.proposal",
+     "('paper', 'balance')"),
+    ({"sample.num_candidates": 0}, "config.sample.num_candidates=0",
+     "1 or more"),
+    ({"sample.r_num_candidates": 0}, "config.sample.r_num_candidates=0",
+     "1 or more"),
+    ({"sample.r_num_uncond_candidates": -1},
+     "config.sample.r_num_uncond_candidates=-1", "0 or more"),
+    ({"sample.r_var_scale": -0.5}, "config.sample.r_var_scale=-0.5",
+     "component means"),
+    ({"sample.weigh_logit_temp": 0.0}, "config.sample.weigh_logit_temp=0.0",
+     "positive value"),
+    ({"sample.weigh_scale_temp": -1.0}, "config.sample.weigh_scale_temp=-1.0",
+     "positive value"),
+    ({"sample.resample_temp": 0.0}, "config.sample.resample_temp=0.0",
+     "positive value"),
+    ({"eval_bayes_images": -1}, "config.eval_bayes_images=-1", "0 or more"),
 ]
 
 # Shipped configs and the machines they are meant for: (config file, arg,
@@ -177,6 +197,41 @@ def test_shipped_config_has_the_digits_keys(name, arg):
 def test_bad_config_arg_raises(name, arg):
   with pytest.raises(ValueError):
     helpers.load_config(name, arg)
+
+
+@pytest.mark.parametrize("name, arg", [(n, a) for n, a, _, _ in SHIPPED])
+def test_shipped_sampling_options_are_all_in_config_sample(name, arg):
+  """`sampling_kwargs` passes every `SamplingOptions` field, and they hold."""
+  config = helpers.load_config(name, arg)
+  kwargs = inference.sampling_kwargs(config.sample)
+  assert set(kwargs) == {f.name for f in dataclasses.fields(
+      sampling.SamplingOptions)}
+  assert all(kwargs[k] == config.sample[k] for k in kwargs)
+  assert inference.sampling_kwargs(config.sample, resample_temp=2.0,
+                                   proposal=None)["resample_temp"] == 2.0
+  with pytest.raises(ValueError, match="Unknown sampling option"):
+    inference.sampling_kwargs(config.sample, temperature=1.0)
+
+
+# (logit_temp, scale_temp, num_candidates, num_uncond_candidates,
+#  weigh_logit_temp, weigh_scale_temp, resample_temp, cfg_scale), typed in
+# from the paper's Table 6 (docs/FARMER.md section 7).
+TABLE_6 = {"1.1B": (1.0, 0.9, 5, 5, 0.2, 0.9, 1.1, 2.5),  # patch 16
+           "1.9B": (1.0, 1.0, 5, 5, 0.1, 1.0, 1.1, 1.5)}  # patch 8
+
+
+@pytest.mark.parametrize("size", ["1.1B", "1.9B"])
+def test_imagenet_sampling_is_table_6(size):
+  sample = helpers.load_config("imagenet", f"res=256,size={size}").sample
+  assert (sample.logit_temp, sample.scale_temp, sample.num_candidates,
+          sample.num_uncond_candidates, sample.weigh_logit_temp,
+          sample.weigh_scale_temp, sample.resample_temp,
+          sample.cfg_scale) == TABLE_6[size]
+  assert (sample.guidance, sample.proposal) == ("resample", "paper")
+  # Ours: more candidates for z^R ("larger"), its variance unscaled.
+  assert sample.r_num_candidates > sample.num_candidates
+  assert sample.r_num_uncond_candidates > sample.num_uncond_candidates
+  assert sample.r_var_scale == 1.0
 
 
 def test_imagenet_total_steps_is_320_epochs():

@@ -110,8 +110,9 @@ def test_flow_block_is_causal(reversed_order):
       assert float(diff[after].max()) > 1e-4
 
 
-def test_ar_prior_is_causal():
-  cfg = tiny_model_config(image_size=8)
+@pytest.mark.parametrize("redundant_prior", ["shared", "token"])
+def test_ar_prior_is_causal(redundant_prior):
+  cfg = tiny_model_config(image_size=8, redundant_prior=redundant_prior)
   model = Farmer(cfg)
   x, labels = images(2, 8), jnp.array([0, 1])
   params = init_random(model, x, labels)
@@ -149,8 +150,10 @@ class _TwoTokenModel(nn.Module):
     return logp_i + logp_r + logdet
 
 
-def test_density_integrates_to_one():
-  cfg = tiny_model_config(af_blocks=2, d_I=1, K_I=3, K_R=2)
+@pytest.mark.parametrize("redundant_prior", ["shared", "token"])
+def test_density_integrates_to_one(redundant_prior):
+  cfg = tiny_model_config(af_blocks=2, d_I=1, K_I=3, K_R=2,
+                          redundant_prior=redundant_prior)
   model = _TwoTokenModel(cfg)
   labels = jnp.array([4])
   params = init_random(model, jnp.zeros((1, 2, 2)), labels, seed=3, scale=0.1)
@@ -201,8 +204,9 @@ def test_bits_per_dim_by_hand():
   assert abs(float(nll.bits_per_dim(jnp.float32(flat), d)) - 8.0) < 1e-5
 
 
-def test_gradients_reach_every_parameter():
-  cfg = tiny_model_config()
+@pytest.mark.parametrize("redundant_prior", ["shared", "token"])
+def test_gradients_reach_every_parameter(redundant_prior):
+  cfg = tiny_model_config(redundant_prior=redundant_prior)
   model = Farmer(cfg)
   x, labels = images(4), jnp.array([0, 1, 2, 10])
   params = init_random(model, x, labels)

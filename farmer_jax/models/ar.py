@@ -4,8 +4,13 @@ A causal transformer reads `[cond x r] + [z_1^I ... z_N^I] + [extra]`:
 
 * position `r - 1 + (i - 1)` (the token before `z_i^I`) gives a diagonal
   Gaussian mixture over `R^{d_I}` with `K_I` components for `z_i^I`;
-* the extra token's output gives one shared mixture over `R^{d_R}` with
-  `K_R` components, scoring every token's redundant channels `z_i^R`.
+* the extra token's output gives the mixture over `R^{d_R}` with `K_R`
+  components for the redundant channels `z_i^R`. With
+  `redundant_prior='shared'` (the paper) it is one mixture that scores every
+  token's `z_i^R`; with `'token'` (ours, an option) a small MLP adds token
+  `i`'s own informative channels `z_i^I` and its position to the extra
+  token's output before the head, so each token gets its own mixture, still
+  in one parallel pass and still an exact density of `Z^R` given `Z^I`.
 
 Labels index a table of `num_classes + 1` embeddings; index `num_classes`
 is the learned null embedding (label dropout during training, the
@@ -65,6 +70,20 @@ class ARPrior(nn.Module):
     self.head_I = self._head(cfg.K_I, cfg.d_I, "head_I")
     if self.d_r > 0:
       self.head_R = self._head(cfg.K_R, self.d_r, "head_R")
+      if cfg.redundant_prior == "token":
+        self.token_R = nn.Dense(
+            w, dtype=dtype, name="token_R",
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.xavier_uniform(), (None, "embed")))
+        self.pos_R = self.param(
+            "pos_R", nn.with_logical_partitioning(
+                nn.initializers.normal(0.02), ("length", "embed")),
+            (self.num_tokens, w))
+        self.mlp_R = layers.Mlp(cfg.mlp_ratio, dtype, name="mlp_R")
+        self.norm_R = layers.LayerNorm(dtype, name="norm_R")
+      elif cfg.redundant_prior != "shared":
+        raise ValueError(f"config.model.redundant_prior="
+                         f"{cfg.redundant_prior!r}: use 'shared' or 'token'.")
 
   def _head(self, k: int, d: int, name: str) -> nn.Dense:
     # Small non-zero init so components do not start tied (spec section 4);
@@ -88,6 +107,21 @@ class ARPrior(nn.Module):
     return gmm.split_head(head(h.astype(jnp.float32)), k, d,
                           self.cfg.scale_floor)
 
+  def redundant_mixture(self, h_extra, z_i) -> gmm.Mixture:
+    """The mixture(s) for `Z^R` from the extra token's output `[B, W]`.
+
+    'shared': one mixture, leading axes `[B]`. 'token': token `i`'s mixture
+    also sees `z_i^I` (`z_i [B, N, d_I]`) and position `i`: leading axes
+    `[B, N]`.
+    """
+    cfg = self.cfg
+    if cfg.redundant_prior == "shared":
+      return self._mixture(self.head_R, h_extra, cfg.K_R, self.d_r)
+    h = (h_extra[:, None] + self.token_R(z_i.astype(jnp.float32))
+         + self.pos_R.astype(h_extra.dtype))
+    h = h + self.mlp_R(self.norm_R(h))
+    return self._mixture(self.head_R, h, cfg.K_R, self.d_r)
+
   def cond_embedding(self, labels, train: bool):
     """`[B]` labels -> `[B, W]`; dropped or unconditional -> null embedding."""
     null = self.cfg.num_classes
@@ -110,7 +144,7 @@ class ARPrior(nn.Module):
 
     Returns:
       `(mix_I, mix_R)`: `mix_I` with leading axes `[B, N]`, `mix_R` `[B]`
-      (`None` when `d_R == 0`).
+      ('shared') or `[B, N]` ('token'); `None` when `d_R == 0`.
     """
     cfg = self.cfg
     r, n = cfg.num_cond_tokens, self.num_tokens
@@ -124,7 +158,7 @@ class ARPrior(nn.Module):
     ], axis=1) + self.pos_emb.astype(dtype)
     h, _ = self.transformer(seq)
     mix_i = self._mixture(self.head_I, h[:, r - 1:r - 1 + n], cfg.K_I, cfg.d_I)
-    mix_r = (self._mixture(self.head_R, h[:, r + n], cfg.K_R, self.d_r)
+    mix_r = (self.redundant_mixture(h[:, r + n], z[..., :cfg.d_I])
              if self.d_r > 0 else None)
     return mix_i, mix_r
 
@@ -134,7 +168,8 @@ class ARPrior(nn.Module):
     logp_i = gmm.log_prob(z[..., :self.cfg.d_I], mix_i).sum(-1)
     if mix_r is None:
       return logp_i, jnp.zeros_like(logp_i)
-    mix_r = jax.tree.map(lambda a: a[:, None], mix_r)  # share over tokens
+    if self.cfg.redundant_prior == "shared":
+      mix_r = jax.tree.map(lambda a: a[:, None], mix_r)  # share over tokens
     logp_r = gmm.log_prob(z[..., self.cfg.d_I:], mix_r).sum(-1)
     return logp_i, logp_r
 
@@ -162,11 +197,14 @@ class ARPrior(nn.Module):
     h, cache = self._step(self.proj_in(z_i), cache, pos)
     return self._mixture(self.head_I, h, self.cfg.K_I, self.cfg.d_I), cache
 
-  def decode_extra(self, cache):
-    """Feeds the extra token; returns the shared mixture for `Z^R`."""
+  def decode_extra(self, cache, z_i):
+    """Feeds the extra token; the `Z^R` mixture(s) given `z_i [B, N, d_I]`.
+
+    Leading axes `[B]` ('shared') or `[B, N]` ('token'), as in `__call__`.
+    """
     b = cache[0].shape[1]
     pos = self.cfg.num_cond_tokens + self.num_tokens
     h_in = jnp.broadcast_to(self.extra_token.astype(jnp.dtype(self.cfg.dtype)),
                             (b, self.cfg.ar_width))
     h, _ = self._step(h_in, cache, pos)
-    return self._mixture(self.head_R, h, self.cfg.K_R, self.d_r)
+    return self.redundant_mixture(h, z_i)
