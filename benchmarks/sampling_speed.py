@@ -55,9 +55,13 @@ def uncached_latents(model, params, rng, labels):
   z = jax.lax.fori_loop(0, n, body, z)
   if model.token_dim > d_i:
     _, mix_r = _prior(model, params, z, labels)
-    z_r = jax.lax.map(lambda key: gmm.sample(key, mix_r),
-                      jax.random.split(jax.random.fold_in(rng, n), n))
-    z = z.at[..., d_i:].set(jnp.swapaxes(z_r, 0, 1))
+    rng_r = jax.random.fold_in(rng, n)
+    if mix_r.logits.ndim == 3:  # redundant_prior='token': [B, N] mixtures
+      z_r = gmm.sample(rng_r, mix_r)
+    else:  # the paper's shared mixture, one draw per token
+      z_r = jnp.swapaxes(jax.lax.map(lambda key: gmm.sample(key, mix_r),
+                                     jax.random.split(rng_r, n)), 0, 1)
+    z = z.at[..., d_i:].set(z_r)
   return z
 
 

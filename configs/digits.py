@@ -58,7 +58,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model.K_R = 4 if tiny else 16
   # 'shared': the paper's one Z^R mixture for every token; 'token': ours, each
   # token's Z^R mixture also sees its own Z^I channels (docs/FARMER.md).
-  config.model.redundant_prior = "shared"
+  # The default uses 'token': with 'shared' the 1,200-step run drew speckle
+  # (docs/sample_quality.md); 'tiny' keeps the paper's shared mixture.
+  config.model.redundant_prior = "shared" if tiny else "token"
   config.model.num_cond_tokens = 2 if tiny else 4
   config.model.label_drop = 0.1
   config.model.head_init_std = 0.1
@@ -72,7 +74,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.noise_min = 0.005
 
   # Optimisation.
-  config.total_steps = 60 if tiny else 1200
+  config.total_steps = 60 if tiny else 2400
   config.lr = 1e-3
   config.warmup_steps = 10 if tiny else 100
   config.weight_decay = 1e-4
@@ -100,36 +102,37 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   # Logging, evaluation, checkpointing.
   config.log_every = 10 if tiny else 50
-  config.eval_every = 30 if tiny else 400
+  config.eval_every = 30 if tiny else 800
   config.num_eval_batches = 2 if tiny else -1  # -1: the whole split.
   # `evaluate`: test accuracy of argmax_c log p(x | c) on this many test
   # images (0: skip); 500 is the whole mnist test split.
   config.eval_bayes_images = 64 if tiny else 500
   config.num_grid_images = 16 if tiny else 64
-  config.ckpt_every = 20 if tiny else 400
+  config.ckpt_every = 20 if tiny else 800
   config.keep_ckpts = 3
 
   # Sampling (spec 6-7): the training run's sample grid at each evaluation,
   # and the defaults of `farmer_jax.sample` / `farmer_jax.evaluate`.
   config.sample = ml_collections.ConfigDict()
-  config.sample.cfg_scale = 1.0  # w; 0 = plain conditional sampling.
+  # Defaults chosen on a 2,400-step run (docs/sample_quality.md, section 5);
+  # 'tiny' (the tests' model) keeps plain settings: w = 1, temperatures 1.
+  config.sample.cfg_scale = 1.0 if tiny else 2.0  # w; 0 = plain conditional sampling.
   config.sample.guidance = "resample"  # 'resample'|'rejection'|'closed_form'|'none'
   # Resampling CFG (spec 7; the paper's names first): propose s_c + s_u
   # candidates with T_pi, T_sigma; weigh them with p_c, p_u at T_pi_v,
   # T_sigma_v; pick one from softmax(T_s log w).
   config.sample.proposal = "paper"  # 'paper' (Algorithm 1) | 'balance' (ours).
-  config.sample.num_candidates = 16  # s_c: candidates from p_c per AR step.
-  config.sample.num_uncond_candidates = 0  # s_u: candidates from p_u.
-  config.sample.logit_temp = 1.0  # T_pi: logits / T_pi when drawing.
-  config.sample.scale_temp = 1.0  # T_sigma: scales * T_sigma when drawing.
-  config.sample.weigh_logit_temp = 1.0  # T_pi_v: p_c, p_u's logits in weights.
+  config.sample.num_candidates = 16 if tiny else 32  # s_c: from p_c per AR step.
+  config.sample.num_uncond_candidates = 0 if tiny else 32  # s_u: from p_u.
+  config.sample.logit_temp = 1.0 if tiny else 0.5  # T_pi: logits / T_pi when drawing.
+  config.sample.scale_temp = 1.0 if tiny else 0.8  # T_sigma: scales * T_sigma when drawing.
+  config.sample.weigh_logit_temp = 1.0 if tiny else 0.3  # T_pi_v: p_c, p_u's logits in weights.
   config.sample.weigh_scale_temp = 1.0  # T_sigma_v: their scales in weights.
   config.sample.resample_temp = 1.0  # T_s: > 1 sharpens the pick.
   # The redundant channels z^R (ours; the paper: "larger" counts, no value).
-  # s_c for z^R: as s_c, the sampler the README's measured tables used.
-  config.sample.r_num_candidates = 16
+  config.sample.r_num_candidates = 16 if tiny else 32  # s_c for z^R.
   config.sample.r_num_uncond_candidates = 0  # s_u for z^R.
-  config.sample.r_var_scale = 1.0  # on z^R's variance; 0: component means.
+  config.sample.r_var_scale = 1.0 if tiny else 0.5  # on z^R's variance; 0: component means.
   config.sample.denoise = False  # one Tweedie step with sigma = noise_min.
   config.sample.num_grid_images = 0 if tiny else 64  # 0: no sample grid in training.
   config.sample.num_eval_samples = 100 if tiny else 1000  # for accuracy / Frechet distance.
