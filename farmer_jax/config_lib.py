@@ -25,12 +25,15 @@ SOURCES = ("mnist", "digits", "tfds", "folder")
 GUIDANCE_RULES = ("resample", "rejection", "closed_form", "none")
 # Log-weights of resampling CFG (spec 7): the paper's Algorithm 1 | ours.
 PROPOSALS = ("paper", "balance")
-# Keys added to config sections ("": the top level) after some runs were
-# trained, with the values those runs used (their config.json and
-# checkpoints lack them; a callable gets the section and returns the value):
+# Keys (and whole sections) added to the config ("": the top level) after
+# some runs were trained, with the values those runs used (their config.json
+# and checkpoints lack them; a callable gets the section and returns it):
 # `inference.load_config` and the checkpoint's model-config check fill them.
 ADDED_KEYS = {
     "model": dict(redundant_prior="shared"),
+    # FID / IS: off for runs trained before the section existed.
+    "inception": dict(weights="", num_real=-1, reference_split="",
+                      batch_size=100),
     "": dict(eval_bayes_images=0),  # off, as it was.
     # Resampling CFG before the paper's Algorithm 1 (spec 7): balance-heuristic
     # weights on the sampling temperatures, one candidate count for z^I, z^R.

@@ -38,6 +38,8 @@ from farmer_jax import nll
 from farmer_jax import sampling
 from farmer_jax.models import Farmer
 from farmer_jax.models import gmm
+from farmer_jax.models import patchify
+from farmer_jax.models import student
 
 FLAGS = flags.FLAGS
 
@@ -67,7 +69,7 @@ def _per_token(mix: gmm.Mixture, n: int) -> gmm.Mixture:
 
 
 def latent_hybrids(run, images: np.ndarray, labels: np.ndarray,
-                   seed: int) -> dict:
+                   seed: int) -> tuple:
   """uint8 images of each hybrid (module docstring), and latent statistics."""
   model, params = run.model, run.variables
   cfg = model.config
@@ -79,7 +81,7 @@ def latent_hybrids(run, images: np.ndarray, labels: np.ndarray,
   @jax.jit
   def encode(x, lab):
     z, _ = model.apply(params, x, lab, method=Farmer.encode)
-    mix_i, mix_r = model.apply(params, z, lab, method=lambda m, z, l: m.prior(
+    _, mix_r = model.apply(params, z, lab, method=lambda m, z, l: m.prior(
         z, l))
     return z, mix_r
 
@@ -99,11 +101,11 @@ def latent_hybrids(run, images: np.ndarray, labels: np.ndarray,
       "draw_I+real_R": jnp.concatenate([z_s[..., :d_i], z_r], -1),
       "draw_I+draw_R": z_s,
   }
-  out = {k: evaluation.to_uint8(decode(v, lab)) for k, v in hybrids.items()}
-  denoised = sampling.tweedie_denoise(model, params, decode(z_s, lab), lab,
-                                      float(run.config.noise_min))
-  out["draw_I+draw_R (denoised)"] = evaluation.to_uint8(
-      jnp.clip(denoised, -1, 1))
+  decoded = {k: decode(v, lab) for k, v in hybrids.items()}
+  decoded["draw_I+draw_R (denoised)"] = jnp.clip(sampling.tweedie_denoise(
+      model, params, decoded["draw_I+draw_R"], lab,
+      float(run.config.noise_min)), -1, 1)
+  out = {k: evaluation.to_uint8(v) for k, v in decoded.items()}
 
   # Background tokens: every pixel of the patch is 0 (black) in the image,
   # in the prior's token order (the flow's terminal permutation).
@@ -128,9 +130,7 @@ def latent_hybrids(run, images: np.ndarray, labels: np.ndarray,
 
 def _prior_order_patches(run, x):
   """Pixel patches `[B, N, d]` in the token order of the prior's `z`."""
-  from farmer_jax.models import farmer as farmer_lib  # pylint: disable=g-import-not-at-top
-  from farmer_jax.models import student  # pylint: disable=g-import-not-at-top
-  p = farmer_lib.patchify(x, run.model.config.patch_size)
+  p = patchify(x, run.model.config.patch_size)
   return p[:, ::-1] if student.terminal_flip(run.model.config) else p
 
 

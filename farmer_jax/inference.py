@@ -65,21 +65,11 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         "config.json existed.")
   with open(path) as f:
     raw = json.load(f)
-  for section, defaults in _ADDED_SECTIONS.items():
-    raw.setdefault(section, dict(defaults))
   for section, defaults in config_lib.ADDED_KEYS.items():
-    node = raw[section] if section else raw
+    node = raw.setdefault(section, {}) if section else raw
     for key, value in defaults.items():
       node.setdefault(key, value(node) if callable(value) else value)
   return ml_collections.ConfigDict(_tuples(raw))
-
-
-# Config sections added after some runs were trained, with the values that
-# mean "off", so those runs still restore.
-_ADDED_SECTIONS = {
-    "inception": dict(weights="", num_real=-1, reference_split="",
-                      batch_size=100),
-}
 
 
 @dataclasses.dataclass

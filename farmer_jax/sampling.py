@@ -455,13 +455,18 @@ def _decode_redundant(model, params, rng, z_i, caches, opts):
   mix_c, mix_u = _split_streams(mix_r)
   per_token = mix_r.logits.ndim == 4  # [S, B, N, K]
 
+  def token_mixture(mix, i):
+    """Token `i`'s mixture: the shared one, or slice `i` of per-token ones."""
+    if mix is None or not per_token:
+      return mix
+    return jax.tree.map(lambda a: a[:, i], mix)
+
   def draw_token(xs):
     key, i = xs
     # One token at a time (lax.map): guided candidates for all N tokens at
     # once would need N x the memory of one step.
-    take = lambda m: None if m is None else jax.tree.map(
-        lambda a: a[:, i], m) if per_token else m
-    return draw(key, take(mix_c), take(mix_u), opts, redundant=True)
+    return draw(key, token_mixture(mix_c, i), token_mixture(mix_u, i), opts,
+                redundant=True)
 
   n = model.num_tokens
   z_nbd = jax.lax.map(draw_token, (jax.random.split(rng, n), jnp.arange(n)))

@@ -35,8 +35,8 @@ def tiny_config(**overrides):
 
 
 @functools.cache
-def tiny_model():
-  model = Farmer(tiny_config())
+def tiny_model(redundant_prior="shared"):
+  model = Farmer(tiny_config(redundant_prior=redundant_prior))
   params = helpers.init_random(model, jnp.zeros((1, 8, 8, 1)), LABELS[:1],
                                seed=1, scale=0.1)
   return model, params
@@ -51,11 +51,14 @@ def sampler(fn_name, **kw):
 # --- The network: cached decoding and the inverse ---------------------------
 
 
-def test_cached_prior_matches_teacher_forced_pass_and_is_deterministic():
+@pytest.mark.parametrize("redundant_prior", ["shared", "token"])
+def test_cached_prior_matches_teacher_forced_pass_and_is_deterministic(
+    redundant_prior):
   """Per-step mixtures of both guidance streams == the parallel pass."""
-  model, params = tiny_model()
-  sample = sampler("sample_latents", cfg_scale=2.0, num_candidates=4,
-                   num_uncond_candidates=2, return_mixtures=True)
+  model, params = tiny_model(redundant_prior)
+  sample = jax.jit(functools.partial(
+      sampling.sample_latents, model, cfg_scale=2.0, num_candidates=4,
+      num_uncond_candidates=2, return_mixtures=True))
   z, mixes = sample(params, jax.random.PRNGKey(0), LABELS)
   assert z.shape == (8, model.num_tokens, model.token_dim)
   forced = jax.jit(lambda z, l: model.apply(
