@@ -30,6 +30,17 @@ SIZES = {
 }
 
 
+# The two configurations of issue 13's side-by-side with TARFlow's PyTorch
+# code (same flow blocks, same parameter count, 64-d heads, MLP ratio 4):
+# name: (image_size, channels, patch, af_width, af_blocks, af_layers_per_block,
+#        batch). With `prior='farmer'` the AR prior has the flow's width and
+# depth (ar_layers = af_layers_per_block), d_I = d / 2 (S) or 16 (M).
+REFERENCE = {
+    "refS": (8, 1, 2, 128, 4, 2, 64),
+    "refM": (32, 3, 4, 256, 4, 4, 32),
+}
+
+
 def load_config(arg: str = ""):
   """`configs/digits.py:get_config(arg)`, unlocked."""
   path = os.path.join(REPO, "configs", "digits.py")
@@ -49,6 +60,32 @@ def sized_config(size: str, batch_size: int = 64, **model_overrides):
                       ar_heads=max(ar_width // 32, 1))
   config.model.update(model_overrides)
   config.update(batch_size=batch_size, mesh_shape=(1, 1, 1))
+  return config
+
+
+def reference_config(name: str, prior: str = "gaussian", batch_size: int = 0):
+  """A `REFERENCE` row (or 'digits': the digits default) on a 1-device mesh.
+
+  Args:
+    name: 'refS', 'refM' or 'digits'.
+    prior: 'gaussian' (the TARFlow ablation, as the PyTorch reference) or
+      'farmer'.
+    batch_size: 0 = the row's own batch (digits: 64).
+  """
+  config = load_config()
+  if name != "digits":
+    image, channels, patch, width, blocks, layers, batch = REFERENCE[name]
+    d = patch * patch * channels
+    config.model.update(
+        image_size=image, channels=channels, patch_size=patch,
+        af_width=width, af_heads=width // 64, af_blocks=blocks,
+        af_layers_per_block=layers, ar_width=width, ar_heads=width // 64,
+        ar_layers=layers, d_I=d // 2 if d < 32 else 16, K_I=16, K_R=16)
+    config.batch_size = batch
+  config.model.prior = prior
+  if batch_size:
+    config.batch_size = batch_size
+  config.mesh_shape = (1, 1, 1)
   return config
 
 

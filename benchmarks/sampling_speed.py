@@ -16,6 +16,7 @@ tokens):
   and the largest |difference| of the two (they are the same function).
 
   python benchmarks/sampling_speed.py --batch_sizes=1,8,64 --size=S
+  python benchmarks/sampling_speed.py --batch_sizes=16 --size=refM
 """
 import functools
 
@@ -32,7 +33,8 @@ from farmer_jax.models import unpatchify
 
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8", "64"],
                                  "Batch sizes to time.")
-_SIZE = flags.DEFINE_string("size", "S", "Row of SIZES.")
+_SIZE = flags.DEFINE_string("size", "S",
+                            "Row of SIZES, or refS / refM / digits.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per measurement.")
 
 
@@ -75,7 +77,7 @@ def uncached_decode(model, params, z, labels):
 
     def body(i, x, t=t, y=y):
       mu, s = model.apply(params, x, labels, method=lambda m, x, l: (
-          m.flow.blocks[t].params_for(x, l)))
+          m.flow.block_apply(t, 'params_for', x, l)))
       return x.at[:, i].set(y[:, i] * jnp.exp(s[:, i]) + mu[:, i])
 
     x = jax.lax.fori_loop(0, y.shape[1], body, jnp.zeros_like(y))
@@ -86,7 +88,9 @@ def uncached_decode(model, params, z, labels):
 
 def main(argv):
   del argv
-  config = bench_lib.sized_config(_SIZE.value)
+  config = (bench_lib.sized_config(_SIZE.value)
+            if _SIZE.value in bench_lib.SIZES
+            else bench_lib.reference_config(_SIZE.value, "farmer"))
   model = Farmer(config.model)
   s, c = config.model.image_size, config.model.channels
   params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, s, s, c)),

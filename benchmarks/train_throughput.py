@@ -1,7 +1,10 @@
 r"""Train-step throughput: images/s and achieved FLOP/s vs the matmul peak.
 
-For each model size (`bench_lib.SIZES`, digits 28x28x1) the jitted train
-step (`train.train_step`: forward + backward + AdamW + EMA, state donated)
+For each model size (`bench_lib.SIZES`, digits 28x28x1, or a reference row:
+`refS` / `refM` from `bench_lib.REFERENCE`, issue 13's side-by-side with
+TARFlow's PyTorch code, and `digits`, the README default) and each prior
+in `--priors` (reference rows only; SIZES rows use the config's prior), the
+jitted train step (`train.train_step`: forward + backward + AdamW + EMA, state donated)
 is compiled once, run `--warmup` times, then timed over `--steps` steps.
 FLOPs per step are XLA's count for the compiled step
 (`jax.jit(...).lower(...).compile().cost_analysis()['flops']`); achieved
@@ -10,6 +13,8 @@ FLOP/s = FLOPs per step x steps/s. The peak is a jitted f32
 device; the last column is achieved / peak.
 
   python benchmarks/train_throughput.py --sizes=XS,S,M --batch_size=64
+  python benchmarks/train_throughput.py --sizes=refS,refM,digits \
+      --priors=gaussian,farmer --batch_size=0
 """
 import time
 
@@ -19,16 +24,25 @@ import jax
 
 import bench_lib
 
-_SIZES = flags.DEFINE_list("sizes", ["XS", "S", "M"], "Rows of SIZES.")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Global batch size.")
+_SIZES = flags.DEFINE_list("sizes", ["XS", "S", "M"],
+                           "Rows of SIZES, or refS / refM / digits.")
+_PRIORS = flags.DEFINE_list("priors", ["gaussian", "farmer"],
+                            "Priors of the reference rows.")
+_BATCH = flags.DEFINE_integer("batch_size", 64,
+                              "Global batch size; 0 = a reference row's own.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per size.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compile.")
 _MATMUL_N = flags.DEFINE_integer("matmul_n", 2048, "Side of the peak matmul.")
 
 
-def measure(size: str, batch_size: int, steps: int, warmup: int) -> dict:
+def measure(size: str, batch_size: int, steps: int, warmup: int,
+            prior: str = "") -> dict:
   """Compiles and times the train step of one model size."""
-  config = bench_lib.sized_config(size, batch_size)
+  if size in bench_lib.SIZES:
+    config = bench_lib.sized_config(size, batch_size or 64)
+  else:
+    config = bench_lib.reference_config(size, prior, batch_size)
+  batch_size = config.batch_size
   step, mesh, init_fn, _, batch, num_params = bench_lib.train_step_parts(
       config)
   with bench_lib.sharding.context(mesh, config):
@@ -43,7 +57,8 @@ def measure(size: str, batch_size: int, steps: int, warmup: int) -> dict:
       state, metrics = compiled(state, batch)
     jax.block_until_ready((state, metrics))
     seconds = (time.perf_counter() - start) / steps
-  return dict(size=size, params=num_params, step_s=seconds,
+  return dict(size=size, prior=config.model.prior, batch=batch_size,
+              params=num_params, step_s=seconds,
               images_per_s=batch_size / seconds, flops=flops,
               flops_per_s=flops / seconds)
 
@@ -52,15 +67,17 @@ def main(argv):
   del argv
   peak = bench_lib.matmul_peak(_MATMUL_N.value)
   rows = []
-  for size in _SIZES.value:
-    r = measure(size, _BATCH.value, _STEPS.value, _WARMUP.value)
-    rows.append([r["size"], f"{r['params'] / 1e6:.2f}M", _BATCH.value,
+  runs = [(size, prior) for size in _SIZES.value
+          for prior in ([""] if size in bench_lib.SIZES else _PRIORS.value)]
+  for size, prior in runs:
+    r = measure(size, _BATCH.value, _STEPS.value, _WARMUP.value, prior)
+    rows.append([r["size"], r["prior"], f"{r['params'] / 1e6:.2f}M", r["batch"],
                  r["step_s"] * 1e3, r["images_per_s"], r["flops"] / 1e9,
                  r["flops_per_s"] / 1e9, peak / 1e9,
                  f"{100 * r['flops_per_s'] / peak:.1f}%"])
   print(f"Device: {bench_lib.device_name()}")
   print(bench_lib.table(
-      ["size", "params", "batch", "ms/step", "images/s", "GFLOP/step",
+      ["size", "prior", "params", "batch", "ms/step", "images/s", "GFLOP/step",
        "achieved GFLOP/s", f"matmul peak GFLOP/s ({_MATMUL_N.value}^3 f32)",
        "achieved / peak"], rows))
 

@@ -87,7 +87,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model.head_init_std = 0.1
   config.model.scale_floor = 1e-3
   config.model.dtype = "float32"  # activations; params are always float32.
-  config.model.remat = False
+  config.model.remat = "none"  # or a layers.REMAT_POLICIES name.
+  # True: each layer stack (and the flow's blocks) is one loop, compile time flat
+  # in depth; False: unrolled, same parameters (faster for small models on CPU).
+  config.model.scan_layers = True
+  config.model.attention = "xla"  # 'cudnn': fused attention on GPU.
 
   # Dequantisation noise during training (spec 1), [-1, 1] units.
   config.noise_schedule = "cosine"  # 'cosine' | 'constant' | 'uniform'
@@ -117,6 +121,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       ("kv", None),
       ("length", None),
       ("layers", None),
+      ("blocks", None),
       ("vocab", None),
       ("mixture", None),
   )

@@ -167,6 +167,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model.scale_floor = 1e-3  # spec 4 decision.
   config.model.dtype = "float32" if local else "bfloat16"  # activations.
   config.model.remat = remat  # ours: on for 1.1B / 1.9B to fit memory.
+  # True: each layer stack (and the flow's blocks) is one loop, compile time flat
+  # in depth; False: unrolled, same parameters (faster for small models on CPU).
+  config.model.scan_layers = True
+  config.model.attention = "xla"  # 'cudnn': fused attention on GPU.
 
   # Dequantisation noise during training (paper: 0.1 -> 0.005, cosine).
   config.noise_schedule = "cosine"
@@ -199,6 +203,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       ("kv", None),
       ("length", None),
       ("layers", None),
+      ("blocks", None),
       ("vocab", None),
       ("mixture", None),
   )

@@ -20,6 +20,11 @@ MESH_AXES = ("data", "fsdp", "tensor")
 PRIORS = ("farmer", "gaussian")
 REDUNDANT_PRIORS = ("shared", "token")  # the paper's shared Z^R mixture | ours
 DTYPES = ("float32", "bfloat16")
+# jax.nn.dot_product_attention's implementations ('cudnn': GPU only).
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+# models/layers.REMAT_POLICIES (a bool is the old on/off switch).
+REMAT_CHOICES = (False, True, "none", "full", "nothing_saveable",
+                 "dots_saveable", "dots_with_no_batch_dims_saveable")
 NOISE_SCHEDULES = ("cosine", "constant", "uniform")
 SOURCES = ("mnist", "digits", "tfds", "folder")
 GUIDANCE_RULES = ("resample", "rejection", "closed_form", "none")
@@ -30,7 +35,9 @@ PROPOSALS = ("paper", "balance")
 # and checkpoints lack them; a callable gets the section and returns it):
 # `inference.load_config` and the checkpoint's model-config check fill them.
 ADDED_KEYS = {
-    "model": dict(redundant_prior="shared"),
+    # Layer loops and attention before they were configurable; remat was a
+    # bool (True = 'full') and still may be.
+    "model": dict(redundant_prior="shared", scan_layers=True, attention="xla"),
     # FID / IS: off for runs trained before the section existed.
     "inception": dict(weights="", num_real=-1, reference_split="",
                       batch_size=100),
@@ -219,6 +226,8 @@ _CHOICES = (
     ("model.prior", PRIORS),
     ("model.redundant_prior", REDUNDANT_PRIORS),
     ("model.dtype", DTYPES),
+    ("model.attention", ATTENTION_IMPLEMENTATIONS),
+    ("model.remat", REMAT_CHOICES),
     ("model.channels", CHANNELS),
     ("noise_schedule", NOISE_SCHEDULES),
     ("data.source", SOURCES),
@@ -391,6 +400,7 @@ def _logical_sizes(model) -> dict[str, list[tuple[str, int]]]:
     sizes["heads"].append((f"config.model.{p}_heads", heads))
     sizes["kv"].append((f"config.model.{p}_width // {p}_heads",
                         width // heads))
+  sizes["blocks"] = [("config.model.af_blocks", model.af_blocks)]
   sizes["layers"] = [("config.model.af_layers_per_block",
                       model.af_layers_per_block)]
   if model.prior == "farmer":

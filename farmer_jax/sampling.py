@@ -407,17 +407,9 @@ def _split_streams(mix: gmm.Mixture):
 
 
 def _prefill(model, params, stream_labels, caches):
-  """Feeds the `r` cond tokens of each stream; mixture for `z_1^I`."""
-  cond_fn = _prior_fn(model, params, "decode_cond", (0, 0, None))
-  shapes = jax.eval_shape(cond_fn, stream_labels, caches, 0)[0]
-  mix0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-  def body(carry, pos):
-    return cond_fn(stream_labels, carry[1], pos), None
-
-  (mix, caches), _ = jax.lax.scan(
-      body, (mix0, caches), jnp.arange(model.config.num_cond_tokens))
-  return mix, caches
+  """Feeds the `r` cond tokens of each stream in one parallel pass (KV
+  caches written); returns the mixture for `z_1^I` and the caches."""
+  return _prior_fn(model, params, "prefill", (0, 0))(stream_labels, caches)
 
 
 def _decode_informative(model, params, rng, mix, caches, opts,

@@ -135,18 +135,23 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, config):
   (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  decay = jnp.minimum(config.ema_decay, (1.0 + state.step) / (10.0 + state.step))
-  ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
-                     state.ema_params, params)
-  keep = lambda new, old: jax.tree.map(
-      lambda a, b: jnp.where(finite, a, b), new, old)
+
+  def update(operands):
+    params, opt_state, ema = operands
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    decay = jnp.minimum(config.ema_decay,
+                        (1.0 + state.step) / (10.0 + state.step))
+    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+    return params, opt_state, ema
+
+  # One branch runs: a finite step touches each parameter once (AdamW + EMA
+  # fused), a skipped one leaves everything as it was; no per-leaf selects.
+  params, opt_state, ema = jax.lax.cond(
+      finite, update, lambda operands: operands,
+      (state.params, state.opt_state, state.ema_params))
   new_state = state.replace(
-      step=state.step + 1,
-      params=keep(params, state.params),
-      opt_state=keep(opt_state, state.opt_state),
-      ema_params=keep(ema, state.ema_params),
+      step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
       nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
       nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
   to_bits = 1.0 / (dims * math.log(2.0))

@@ -25,7 +25,14 @@ SMALLEST = {
     "memory.py": (["--batch_sizes=8", "--size=XS"], ["8"]),
     "inception_speed.py": (["--batch_sizes=1", "--image_size=8",
                             "--repeats=1"], ["1"]),
+    "profile_step.py": (["--configs=refS", "--priors=farmer", "--steps=1",
+                         "--inverse_batch=2"], ["refS", "refS"]),
 }
+TEXT_COLUMNS = ("prior", "step")  # words, not numbers
+# profile_step.py's shares of op time by kind: a kind may take 0%.
+SHARE_COLUMNS = ("attention softmax", "mixture", "layer norm",
+                 "mlp activation", "optimizer/EMA", "copies", "scan buffers",
+                 "other")
 
 
 def _table(stdout: str) -> list[dict]:
@@ -59,7 +66,15 @@ def test_benchmark_prints_its_table(script, tmp_path_factory):
   for row in rows:
     for header, cell in list(row.items())[1:]:
       value = _number(cell)
-      if header.startswith("max abs"):  # a difference: may be 0 or absent.
+      if header in TEXT_COLUMNS:
+        assert cell and value is None, (header, row)
+      elif header.startswith("max abs"):  # a difference: may be 0 or absent.
         assert value is None or value < 1e-3, row
+      elif header in SHARE_COLUMNS:
+        assert value is not None and 0 <= value <= 100, (header, row)
       else:
         assert value is not None and value > 0, (header, row)
+  if script == "profile_step.py":  # the op events were attributed
+    for row in rows:
+      shares = [_number(row[k]) for k in ("matmul",) + SHARE_COLUMNS]
+      assert 97 <= sum(shares) <= 103 and shares[0] > 0, row

@@ -111,7 +111,7 @@ def test_student_attention_is_bidirectional(random_student):
                          method=StudentDecoder.block_inverse)
     exact = teacher_flow.apply(
         {"params": params}, y, labels,
-        method=lambda m, y, l: m.blocks[0].inverse(y, l))
+        method=lambda m, y, l: m.block_apply(0, 'inverse', y, l))
     return fast, exact
 
   (fast0, exact0), (fast1, exact1) = both(z), both(moved)

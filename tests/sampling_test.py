@@ -86,7 +86,7 @@ def naive_decode(model, params, z, labels):
   cfg = model.config
   params_for = [jax.jit(lambda x, t=t: model.apply(
       params, x, labels,
-      method=lambda m, x, l: m.flow.blocks[t].params_for(x, l)))
+      method=lambda m, x, l: m.flow.block_apply(t, 'params_for', x, l)))
                 for t in range(cfg.af_blocks)]
   flip = cfg.terminal_permutation and cfg.af_blocks % 2 == 0
   x = z[:, ::-1] if flip else z  # the prior's order -> raster order

@@ -33,7 +33,7 @@ class ARPrior(nn.Module):
   Attributes:
     cfg: model config (ar_width, ar_layers, ar_heads, mlp_ratio, d_I, K_I,
       K_R, num_cond_tokens, num_classes, label_drop, head_init_std,
-      scale_floor, dtype, remat).
+      scale_floor, dtype, remat, scan_layers, attention).
     num_tokens: N.
     token_dim: d.
   """
@@ -66,7 +66,8 @@ class ARPrior(nn.Module):
             nn.initializers.normal(0.02), ("embed",)), (w,))
     self.transformer = layers.Transformer(
         cfg.ar_layers, cfg.ar_heads, cfg.mlp_ratio, causal=True, dtype=dtype,
-        remat=cfg.remat, name="transformer")
+        remat=cfg.remat, scan=cfg.scan_layers, attention=cfg.attention,
+        name="transformer")
     self.head_I = self._head(cfg.K_I, cfg.d_I, "head_I")
     if self.d_r > 0:
       self.head_R = self._head(cfg.K_R, self.d_r, "head_R")
@@ -186,11 +187,22 @@ class ARPrior(nn.Module):
     h, cache = self.transformer(h, cache, pos)
     return h[:, 0], cache
 
-  def decode_cond(self, labels, cache, pos):
-    """Feeds cond token `pos < r`; returns (mixture for z_1^I, cache)."""
-    h, cache = self._step(self.cond_embedding(labels, False).astype(
-        jnp.dtype(self.cfg.dtype)), cache, pos)
-    return self._mixture(self.head_I, h, self.cfg.K_I, self.cfg.d_I), cache
+  def prefill(self, labels, cache):
+    """Feeds all `r` cond tokens in one parallel pass.
+
+    Returns:
+      (mixture for `z_1^I`, cache with positions `< r` written).
+    """
+    r = self.cfg.num_cond_tokens
+    cond = self.cond_embedding(labels, False).astype(jnp.dtype(self.cfg.dtype))
+    seq = jnp.broadcast_to(cond[:, None], (cond.shape[0], r, cond.shape[-1]))
+    h, (k, v) = self.transformer(seq + self.pos_emb[:r].astype(seq.dtype),
+                                 return_kv=True)
+    cache = tuple(jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype),
+                                                      0, axis=2)
+                  for c, new in zip(cache, (k, v)))
+    return self._mixture(self.head_I, h[:, -1], self.cfg.K_I,
+                         self.cfg.d_I), cache
 
   def decode_token(self, z_i, cache, pos):
     """Feeds `z_i^I [B, d_I]` at `pos`; returns (mixture for next, cache)."""

@@ -11,6 +11,12 @@ token 0 gets zeros):
 
 Token values and log-dets stay float32; only the transformer runs in the
 configured activation dtype.
+
+The blocks share one layout, so `AutoregressiveFlow` keeps their parameters
+stacked (`params['blocks']`, leading axis = block) and runs them with
+`nn.scan`: one compiled block body whatever the depth. Alternating orders
+become "reverse the sequence after every block", so every scan step is the
+same program.
 """
 from typing import Any, Tuple
 
@@ -31,7 +37,8 @@ class FlowBlock(nn.Module):
 
   Attributes:
     cfg: the model config (uses af_width, af_heads, af_layers_per_block,
-      mlp_ratio, scale_clip, af_class_cond, num_classes, dtype, remat).
+      mlp_ratio, scale_clip, af_class_cond, num_classes, dtype, remat,
+      scan_layers, attention).
     num_tokens: N.
     token_dim: d.
     causal: True for the flow; the one-step student (`models/student.py`,
@@ -61,7 +68,8 @@ class FlowBlock(nn.Module):
               nn.initializers.normal(0.02), ("vocab", "embed")))
     self.transformer = layers.Transformer(
         cfg.af_layers_per_block, cfg.af_heads, cfg.mlp_ratio,
-        causal=self.causal, dtype=dtype, remat=cfg.remat, name="transformer")
+        causal=self.causal, dtype=dtype, remat=cfg.remat,
+        scan=cfg.scan_layers, attention=cfg.attention, name="transformer")
     # Zero init: the block starts as the identity map (spec section 2).
     self.head = nn.Dense(
         2 * self.token_dim, dtype=jnp.float32, name="head",
@@ -117,38 +125,72 @@ class FlowBlock(nn.Module):
     return jnp.swapaxes(x_nbd, 0, 1)
 
 
+def _flip(x: jax.Array) -> jax.Array:
+  return x[:, ::-1]
+
+
+def _to_raster(ys: jax.Array) -> jax.Array:
+  """Stacked per-block outputs `[n, B, N, d]` in block order -> raster order."""
+  odd = (jnp.arange(ys.shape[0]) % 2 == 1)[:, None, None, None]
+  return jnp.where(odd, ys[:, :, ::-1], ys)
+
+
+def scan_blocks(body, cfg, reverse: bool = False):
+  """`nn.scan` of `body(block, carry, _)` over the stacked flow blocks."""
+  return nn.scan(
+      body, variable_axes={"params": 0}, split_rngs={"params": True},
+      length=cfg.af_blocks, reverse=reverse,
+      unroll=1 if cfg.scan_layers else cfg.af_blocks,
+      metadata_params={nn.PARTITION_NAME: "blocks"})
+
+
+def block_order_flip(cfg) -> bool:
+  """Whether `z` is the last scan carry reversed (see `AutoregressiveFlow`).
+
+  The scan leaves the sequence in block `n`'s order (raster for even `n`);
+  `z` is the last block's order with `terminal_permutation`, else raster.
+  """
+  return bool(cfg.terminal_permutation) or cfg.af_blocks % 2 == 1
+
+
+def terminal_flip(cfg) -> bool:
+  """Whether `z` is `Z_n` (raster) reversed: the terminal permutation."""
+  return bool(cfg.terminal_permutation) and (cfg.af_blocks - 1) % 2 == 1
+
+
 class AutoregressiveFlow(nn.Module):
   """`F = f_n o ... o f_1` on tokens `[B, N, d]` in raster order.
 
   `__call__` returns `(z, logdet)`; with `cfg.terminal_permutation` the
   latent sequence is returned in the last block's order (spec section 2),
   otherwise in raster order. `inverse` undoes exactly that.
+
+  Attributes:
+    cfg: the model config (see `FlowBlock`; `af_blocks`,
+      `terminal_permutation`).
+    num_tokens: N.
+    token_dim: d.
   """
   cfg: Any
   num_tokens: int
   token_dim: int
 
   def setup(self):
-    self.blocks = [
-        FlowBlock(self.cfg, self.num_tokens, self.token_dim, name=f"block{t}")
-        for t in range(self.cfg.af_blocks)
-    ]
+    self.blocks = FlowBlock(self.cfg, self.num_tokens, self.token_dim,
+                            name="blocks")
 
-  def _terminal_flip(self) -> bool:
-    last_reversed = (self.cfg.af_blocks - 1) % 2 == 1
-    return bool(self.cfg.terminal_permutation) and last_reversed
+  def _forward(self, x, labels, keep_path: bool):
+    def body(block, carry, _):
+      x, logdet = carry
+      y, ld = block(x, labels)
+      return (_flip(y), logdet + ld), (y if keep_path else None)
+
+    carry = (x.astype(jnp.float32), jnp.zeros(x.shape[0], jnp.float32))
+    return scan_blocks(body, self.cfg)(self.blocks, carry, None)
 
   def __call__(self, x, labels):
-    logdet = jnp.zeros(x.shape[0], jnp.float32)
-    x = x.astype(jnp.float32)
-    for t, block in enumerate(self.blocks):
-      if t % 2:
-        x = x[:, ::-1]
-      x, ld = block(x, labels)
-      if t % 2:
-        x = x[:, ::-1]
-      logdet = logdet + ld
-    return (x[:, ::-1] if self._terminal_flip() else x), logdet
+    (z, logdet), _ = self._forward(x, labels, keep_path=False)
+    return (_flip(z) if block_order_flip(self.cfg) else z), logdet
 
   def path(self, x, labels):
     """The forward path `[Z_0 = x, Z_1, ..., Z_n]` (spec section 8).
@@ -156,19 +198,43 @@ class AutoregressiveFlow(nn.Module):
     Each `Z_t [B, N, d]` is block t's output in raster order; `Z_n` is
     `__call__`'s `z` before the terminal permutation.
     """
-    path = [x.astype(jnp.float32)]
-    for t, block in enumerate(self.blocks):
-      x = path[-1][:, ::-1] if t % 2 else path[-1]
-      y, _ = block(x, labels)
-      path.append(y[:, ::-1] if t % 2 else y)
-    return path
+    _, ys = self._forward(x, labels, keep_path=True)
+    ys = _to_raster(ys)
+    return [x.astype(jnp.float32)] + [ys[t] for t in range(ys.shape[0])]
 
   def inverse(self, z, labels):
-    x = z[:, ::-1] if self._terminal_flip() else z
-    for t in reversed(range(len(self.blocks))):
-      if t % 2:
-        x = x[:, ::-1]
-      x = self.blocks[t].inverse(x, labels)
-      if t % 2:
-        x = x[:, ::-1]
+    def body(block, x, _):
+      return block.inverse(_flip(x), labels), None
+
+    x = _flip(z) if block_order_flip(self.cfg) else z
+    x, _ = scan_blocks(body, self.cfg, reverse=True)(
+        self.blocks, x.astype(jnp.float32), None)
     return x
+
+  def block_apply(self, t: int, method: str, x, labels):
+    """Block `t` alone (`'__call__'`, `'params_for'` or `'inverse'`) on `x`
+    in block t's own token order. For tests and benchmarks."""
+    return apply_block(self, t, method, x, labels)
+
+
+def apply_block(module: nn.Module, t: int, method: str, x, labels,
+                causal: bool = True):
+  """Runs block `t` of a bound module with stacked `blocks` parameters."""
+  params = jax.tree.map(lambda a: a[t], module.variables["params"]["blocks"])
+  block = FlowBlock(module.cfg, module.num_tokens, module.token_dim, causal,
+                    parent=None)
+  return block.apply({"params": params}, x, labels, method=method)
+
+
+def stack_blocks(flow_params: dict) -> dict:
+  """Flow params saved with one entry per block (`block0`, `block1`, ...,
+  before the blocks were scanned) -> the stacked `{'blocks': ...}` layout.
+  Anything already stacked is returned as is."""
+  names = sorted((k for k in flow_params if k.startswith("block")
+                  and k[5:].isdigit()), key=lambda k: int(k[5:]))
+  if not names:
+    return flow_params
+  rest = {k: v for k, v in flow_params.items() if k not in names}
+  rest["blocks"] = jax.tree.map(lambda *a: jnp.stack(a),
+                                *[flow_params[k] for k in names])
+  return rest

@@ -34,17 +34,31 @@ def split_head(raw: jax.Array, k: int, d: int, scale_floor: float) -> Mixture:
   return Mixture(logits, rest[..., 0, :], scales)
 
 
+def _component_log_probs(z, means, scales):
+  """`[..., 1, d]` against `[..., K, d]` -> per-component log N, `[..., K]`."""
+  u = (z - means) / scales
+  return jnp.sum(-0.5 * u * u - jnp.log(scales) - _HALF_LOG_2PI, axis=-1)
+
+
 def log_prob(z: jax.Array, mix: Mixture) -> jax.Array:
   """log p(z) under the mixture; z `[..., d]` broadcast against `mix`.
+
+  The per-component terms are rematerialised in the backward pass, so no
+  `[..., K, d]` intermediate (e.g. `[B, N, K_R, d_R]` when one shared
+  mixture scores all N tokens) is kept for it: XLA fuses the broadcast into
+  the reductions over `d` (forward) and over the broadcast axes (backward).
+  The quadratic is not expanded into `z^2/s^2 - 2 z mu/s^2 + mu^2/s^2`
+  matmuls: in float32 that cancels catastrophically for small scales
+  (measured: 19 nats error at scales 1e-3, 0.28 at 1e-2, d = 640).
 
   Returns:
     `[...]`, nats, float32.
   """
-  z = z.astype(jnp.float32)[..., None, :]  # [..., 1, d]
-  u = (z - mix.means) / mix.scales
-  comp = jnp.sum(-0.5 * u * u - jnp.log(mix.scales) - _HALF_LOG_2PI, axis=-1)
-  return jax.nn.logsumexp(jax.nn.log_softmax(mix.logits, axis=-1) + comp,
-                          axis=-1)
+  with jax.named_scope("mixture_log_prob"):
+    z = z.astype(jnp.float32)[..., None, :]  # [..., 1, d]
+    comp = jax.checkpoint(_component_log_probs)(z, mix.means, mix.scales)
+    return jax.nn.logsumexp(jax.nn.log_softmax(mix.logits, axis=-1) + comp,
+                            axis=-1)
 
 
 def sample(rng: jax.Array, mix: Mixture, logit_temp: float = 1.0,

@@ -24,11 +24,6 @@ import jax.numpy as jnp
 Cache = Tuple[jax.Array, jax.Array]
 Dtype = Any
 
-# Attention logits of masked positions. Finite so a fully masked row (never
-# produced here) could not create NaNs.
-_MASK_VALUE = -1e9
-
-
 def logical_param(module: nn.Module, name: str, init_fn, shape, axes):
   """A float32 parameter annotated with logical axis names."""
   return module.param(
@@ -54,47 +49,53 @@ class LayerNorm(nn.Module):
 class Attention(nn.Module):
   """Multi-head dot-product self-attention with an optional explicit cache.
 
+  The scores go through `jax.nn.dot_product_attention` (causal masking by
+  `is_causal`, the cache's valid length by `key_value_seq_lengths`: no mask
+  tensor is built here), so `implementation='cudnn'` gives cuDNN's fused
+  attention on GPU; `'xla'` (the default) works everywhere; `None` lets JAX
+  choose. Logits and softmax are float32 whatever the activation dtype.
+
   Attributes:
     num_heads: number of heads; the width must divide by it.
     causal: mask future positions (full mode). Cached mode is always causal.
     dtype: compute dtype of the projections and attention.
+    implementation: `jax.nn.dot_product_attention`'s `implementation`.
   """
   num_heads: int
   causal: bool
   dtype: Dtype = jnp.float32
+  implementation: Optional[str] = "xla"
 
   @nn.compact
-  def __call__(self, x, cache: Optional[Cache] = None, pos=None):
-    _, t, d = x.shape
+  def __call__(self, x, cache: Optional[Cache] = None, pos=None,
+               return_kv: bool = False):
+    b, t, d = x.shape
     h = self.num_heads
     dh = d // h
     w_qkv = logical_param(self, "qkv", nn.initializers.normal(d ** -0.5),
                           (d, 3, h, dh), ("embed", None, "heads", "kv"))
     w_out = logical_param(self, "out", nn.initializers.normal(d ** -0.5),
                           (h, dh, d), ("heads", "kv", "embed"))
-    qkv = jnp.einsum("btd,dchk->cbthk", x.astype(self.dtype),
-                     w_qkv.astype(self.dtype))
-    q, k, v = qkv[0], qkv[1], qkv[2]
+    x = x.astype(self.dtype)
+    # One projection per q/k/v straight into [B, T, H, Dh] (no [3, ...]
+    # intermediate to transpose).
+    q, k, v = (jnp.einsum("btd,dhk->bthk", x, w_qkv[:, i].astype(self.dtype))
+               for i in range(3))
     if cache is None:
-      keys, values = k, v
-      q_pos = jnp.arange(t)
-      k_pos = jnp.arange(t)
-      mask = (k_pos[None, :] <= q_pos[:, None]) if self.causal else None
-      new_cache = (k, v)
+      keys, values, lengths = k, v, None
+      new_cache = (k, v) if return_kv else None
     else:
       k_cache, v_cache = cache
       keys = jax.lax.dynamic_update_slice(
           k_cache, k.astype(k_cache.dtype), (0, pos, 0, 0))
       values = jax.lax.dynamic_update_slice(
           v_cache, v.astype(v_cache.dtype), (0, pos, 0, 0))
-      mask = (jnp.arange(keys.shape[1]) <= pos)[None, :]
+      lengths = jnp.full((b,), pos + t, jnp.int32)
       new_cache = (keys, values)
-    logits = jnp.einsum("bqhk,bshk->bhqs", q, keys.astype(self.dtype))
-    logits = logits.astype(jnp.float32) * dh ** -0.5
-    if mask is not None:
-      logits = jnp.where(mask[None, None], logits, _MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqs,bshk->bqhk", probs, values.astype(self.dtype))
+    out = jax.nn.dot_product_attention(
+        q, keys.astype(self.dtype), values.astype(self.dtype),
+        is_causal=self.causal and cache is None,
+        key_value_seq_lengths=lengths, implementation=self.implementation)
     out = jnp.einsum("bqhk,hkd->bqd", out, w_out.astype(self.dtype))
     return out, new_cache
 
@@ -129,46 +130,92 @@ class Layer(nn.Module):
   mlp_ratio: int
   causal: bool
   dtype: Dtype = jnp.float32
+  attention: Optional[str] = "xla"
+  return_kv: bool = False
 
   @nn.compact
   def __call__(self, x, cache: Optional[Cache], pos):
     y, new_cache = Attention(self.num_heads, self.causal, self.dtype,
-                             name="attn")(LayerNorm(self.dtype)(x), cache, pos)
+                             self.attention, name="attn")(
+                                 LayerNorm(self.dtype)(x), cache, pos,
+                                 self.return_kv)
     x = x + y
     x = x + Mlp(self.mlp_ratio, self.dtype, name="mlp")(LayerNorm(self.dtype)(x))
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     return x, new_cache
 
 
+# `config.model.remat` by name: what the backward pass may keep from the
+# forward pass of a layer (jax.checkpoint_policies); 'none' keeps everything.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable":
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_policy(remat) -> Optional[str]:
+  """`config.model.remat` -> a `REMAT_POLICIES` name, or None for no remat.
+
+  Booleans are accepted for runs saved before policies had names
+  (True = 'full').
+  """
+  if remat is True:
+    return "full"
+  if remat is False or remat is None or remat == "none":
+    return None
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"config.model.remat={remat!r}: use one of "
+                     f"{sorted(REMAT_POLICIES)}.")
+  return remat
+
+
 class Transformer(nn.Module):
   """A stack of identical layers under `nn.scan` plus a final LayerNorm.
 
-  `__call__(x [B, T, D], cache=None, pos=None) -> (y [B, T, D], kv)`, where
-  in full mode `kv` are the per-layer keys/values `[L, B, T, H, Dh]` and in
-  cached mode (cache given, `T == 1`) the updated cache of the same layout.
+  `__call__(x [B, T, D], cache=None, pos=None, return_kv=False) -> (y, kv)`.
+  In full mode `kv` is None unless `return_kv`, then the per-layer keys and
+  values `[L, B, T, H, Dh]` (to prefill a cache); in cached mode (cache
+  given) the updated cache of the same layout.
+
+  Attributes:
+    scan: True runs the layers as one loop (compile time flat in depth);
+      False unrolls it (the same stacked parameters, often faster for small
+      models: no loop-carried buffers).
+    remat: a `REMAT_POLICIES` name ('none' = no rematerialisation) or a bool.
+    attention: `jax.nn.dot_product_attention`'s implementation.
   """
   num_layers: int
   num_heads: int
   mlp_ratio: int
   causal: bool
   dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: Any = "none"
+  scan: bool = True
+  attention: Optional[str] = "xla"
 
   @nn.compact
-  def __call__(self, x, cache: Optional[Cache] = None, pos=None):
-    layer = nn.remat(Layer, prevent_cse=False) if self.remat else Layer
+  def __call__(self, x, cache: Optional[Cache] = None, pos=None,
+               return_kv: bool = False):
+    policy = remat_policy(self.remat)
+    layer = (nn.remat(Layer, prevent_cse=False,
+                      policy=REMAT_POLICIES[policy]) if policy else Layer)
     stack = nn.scan(
         layer,
         variable_axes={"params": 0},
         split_rngs={"params": True},
         in_axes=(0, nn.broadcast),
         length=self.num_layers,
+        unroll=1 if self.scan else self.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
     x = nn.with_logical_constraint(x.astype(self.dtype),
                                    ("batch", "length", "embed"))
     x, kv = stack(self.num_heads, self.mlp_ratio, self.causal, self.dtype,
-                  name="layers")(x, cache, pos)
+                  self.attention, return_kv, name="layers")(x, cache, pos)
     return LayerNorm(self.dtype, name="norm")(x), kv
 
 

@@ -28,13 +28,14 @@ import jax.numpy as jnp
 from farmer_jax.models import flow
 
 
-def terminal_flip(cfg) -> bool:
-  """Whether `z` is `Z_n` reversed (as `AutoregressiveFlow` hands it over)."""
-  return bool(cfg.terminal_permutation) and (cfg.af_blocks - 1) % 2 == 1
+terminal_flip = flow.terminal_flip
 
 
 class StudentDecoder(nn.Module):
   """`G`: latents `[B, N, d]` -> tokens `[B, N, d]` in raster order.
+
+  Its blocks are stacked and scanned like the teacher's (`flow.scan_blocks`),
+  in reverse: block `n-1` first.
 
   Attributes:
     cfg: the model config (the teacher's; see `flow.FlowBlock`).
@@ -46,27 +47,32 @@ class StudentDecoder(nn.Module):
   token_dim: int
 
   def setup(self):
-    self.blocks = [
-        flow.FlowBlock(self.cfg, self.num_tokens, self.token_dim,
-                       causal=False, name=f"block{t}")
-        for t in range(self.cfg.af_blocks)
-    ]
+    self.blocks = flow.FlowBlock(self.cfg, self.num_tokens, self.token_dim,
+                                 causal=False, name="blocks")
 
   def block_inverse(self, t: int, y, labels):
-    """Student block `t`: `Z_{t+1} -> Z_t`, raster order in and out."""
-    if t % 2:  # the teacher block's token order (reversed for odd t)
-      y = y[:, ::-1]
-    mu, s = self.blocks[t].params_for(y, labels)
+    """Student block `t` alone: `Z_{t+1} -> Z_t`, raster order in and out."""
+    y = y[:, ::-1] if t % 2 else y  # the teacher block's token order
+    mu, s = flow.apply_block(self, t, "params_for", y, labels, causal=False)
     x = y.astype(jnp.float32) * jnp.exp(s) + mu
     return x[:, ::-1] if t % 2 else x
 
   def path(self, z_n, labels) -> List[jax.Array]:
     """`Z_n` (raster order) -> `[Z^_{n-1}, ..., Z^_0]`, one pass per block."""
-    outputs, y = [], z_n
-    for t in reversed(range(self.cfg.af_blocks)):
-      y = self.block_inverse(t, y, labels)
-      outputs.append(y)
-    return outputs
+    def body(block, x, _):
+      # The carry is in block t+1's token order; block t reads its own.
+      y = x[:, ::-1]
+      mu, s = block.params_for(y, labels)
+      x = y * jnp.exp(s) + mu
+      return x, x
+
+    n = self.cfg.af_blocks
+    carry = z_n.astype(jnp.float32)
+    carry = carry[:, ::-1] if n % 2 else carry  # block n's order
+    _, xs = flow.scan_blocks(body, self.cfg, reverse=True)(
+        self.blocks, carry, None)
+    xs = flow._to_raster(xs)  # xs[t] = Z^_t
+    return [xs[t] for t in reversed(range(n))]
 
   def __call__(self, z, labels):
     """`z [B, N, d]` in the prior's order -> tokens `[B, N, d]`, raster."""
