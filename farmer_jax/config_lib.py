@@ -514,6 +514,11 @@ def derived(config: ml_collections.ConfigDict, *, process_count: int,
   )
 
 
+def num_dims(config: ml_collections.ConfigDict) -> int:
+  """Dimensions D of one image (`bits/dim` divides by it)."""
+  return config.model.image_size ** 2 * config.model.channels
+
+
 def flatten(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """`{'model.af_width': 128, ...}`; non-scalars become strings (hparams)."""
   out = {}

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from farmer_jax import classifier
-from farmer_jax import evaluation
 from farmer_jax import inference
+from farmer_jax import metrics
 from farmer_jax import nll
 from farmer_jax import sampling
 from farmer_jax.models import Farmer
@@ -105,7 +105,7 @@ def latent_hybrids(run, images: np.ndarray, labels: np.ndarray,
   decoded["draw_I+draw_R (denoised)"] = jnp.clip(sampling.tweedie_denoise(
       model, params, decoded["draw_I+draw_R"], lab,
       float(run.config.noise_min)), -1, 1)
-  out = {k: evaluation.to_uint8(v) for k, v in decoded.items()}
+  out = {k: metrics.to_host(nll.to_uint8(v)) for k, v in decoded.items()}
 
   # Background tokens: every pixel of the patch is 0 (black) in the image,
   # in the prior's token order (the flow's terminal permutation).
@@ -148,14 +148,14 @@ def diagnose(workdir: str, num_images: int = 200, seed: int = 0,
   rows = {"real": dict(accuracy=float(np.mean(
       classifier.predict(model, params, images) == labels)), frechet=0.0)}
   for name, imgs in hybrids.items():
-    q = evaluation.sample_quality(imgs, labels, (model, params), real_feats)
+    q = metrics.sample_quality(imgs, labels, (model, params), real_feats)
     rows[name] = dict(accuracy=q["accuracy"], frechet=q["frechet"])
   result = dict(step=run.step, num_images=int(len(labels)),
                 classifier_test_accuracy=info["test_accuracy"],
                 hybrids=rows, latents=stats)
   grid = np.concatenate([images[:16]] + [v[:16] for v in hybrids.values()])
   os.makedirs(out, exist_ok=True)
-  evaluation.save_png(evaluation.make_grid(grid, ncol=16),
+  metrics.save_png(metrics.make_grid(grid, ncol=16),
                       os.path.join(out, "diagnosis.png"))
   with open(os.path.join(out, "diagnosis.json"), "w") as f:
     json.dump(result, f, indent=2)

@@ -47,12 +47,12 @@ from matplotlib import figure
 import numpy as np
 
 from farmer_jax import classifier
-from farmer_jax import evaluation
+from farmer_jax import config_lib
 from farmer_jax import inception
 from farmer_jax import inference
 from farmer_jax import input_pipeline
+from farmer_jax import metrics
 from farmer_jax import sharding
-from farmer_jax import train
 
 FLAGS = flags.FLAGS
 
@@ -84,11 +84,11 @@ def define_flags() -> None:
 
 def exact_bpd(run, split: str, seed: int) -> dict:
   """Exact bits/dim of the whole `split` (uniform dequantisation)."""
-  eval_fn = jax.jit(functools.partial(evaluation.eval_terms, run.model,
-                                      num_dims=train.num_dims(run.config)))
-  batches = evaluation.eval_batches(run.config, split, run.batch_sharding, -1)
+  eval_fn = jax.jit(functools.partial(metrics.eval_terms, run.model,
+                                      num_dims=config_lib.num_dims(run.config)))
+  batches = metrics.eval_batches(run.config, split, run.batch_sharding, -1)
   with sharding.context(run.mesh, run.config):
-    return evaluation.evaluate_bpd(eval_fn, run.variables["params"], batches,
+    return metrics.evaluate_bpd(eval_fn, run.variables["params"], batches,
                                    jax.random.PRNGKey(seed))
 
 
@@ -105,13 +105,13 @@ def bayes_accuracy(run, split: str, seed: int, num_images: int) -> dict:
     return dict(bayes="skipped: bayes_images = 0 (config.eval_bayes_images "
                 "/ --bayes_images)")
   log_probs_fn = jax.jit(functools.partial(
-      evaluation.class_log_probs, run.model,
+      metrics.class_log_probs, run.model,
       num_classes=run.config.model.num_classes))
   num_batches = -(-num_images // run.config.eval_batch_size)
-  batches = evaluation.eval_batches(run.config, split, run.batch_sharding,
+  batches = metrics.eval_batches(run.config, split, run.batch_sharding,
                                     num_batches)
   with sharding.context(run.mesh, run.config):
-    return evaluation.bayes_accuracy(log_probs_fn, run.variables["params"],
+    return metrics.bayes_accuracy(log_probs_fn, run.variables["params"],
                                      batches, jax.random.PRNGKey(seed),
                                      num_images)
 
@@ -123,7 +123,7 @@ def sample_quality_at(run, clf, real_features, cfg_scales, num_samples: int,
   """Sample-quality metrics of `num_samples` samples at each `w`.
 
   `clf` + `real_features` give class accuracy and the classifier Fréchet
-  distance (`evaluation.sample_quality`); `inception_eval` +
+  distance (`metrics.sample_quality`); `inception_eval` +
   `inception_ref` (mu, sigma) give FID and, with logits, IS. Either may be
   None. `overrides` are sampling options (e.g. `logit_temp`) that replace
   the run's `config.sample` ones.
@@ -137,7 +137,7 @@ def sample_quality_at(run, clf, real_features, cfg_scales, num_samples: int,
                                 cfg_scale=float(w), **overrides)
     row = dict(cfg_scale=float(w), num_samples=int(len(images)))
     if clf is not None:
-      row.update(evaluation.sample_quality(images, labels, clf,
+      row.update(metrics.sample_quality(images, labels, clf,
                                            real_features))
     if inception_eval is not None:
       row.update(inception_eval.metrics(images, *inception_ref))
@@ -238,8 +238,7 @@ def evaluate(workdir: str, *, step=None, split=None, num_samples=None,
         if inception_weights else None)
   decoder = None
   if student_workdir:
-    from farmer_jax import distill  # pylint: disable=g-import-not-at-top
-    decoder = distill.load_decoder(student_workdir, run)
+    decoder = inference.load_decoder(student_workdir, run)
   split = split or config.data.eval_split
   result = dict(step=run.step, split=split,
                 decoder="student" if decoder else "exact",

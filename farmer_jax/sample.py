@@ -22,8 +22,8 @@ from absl import flags
 from absl import logging
 import numpy as np
 
-from farmer_jax import evaluation
 from farmer_jax import inference
+from farmer_jax import metrics
 
 FLAGS = flags.FLAGS
 
@@ -71,9 +71,8 @@ def main(argv) -> None:
              else FLAGS.denoise)
   decoder = None
   if FLAGS.decoder == "student":
-    from farmer_jax import distill  # pylint: disable=g-import-not-at-top
     # (decode_fn, variables): decode_fn(variables, z, labels) -> x.
-    decoder = distill.load_decoder(
+    decoder = inference.load_decoder(
         FLAGS.student_workdir or os.path.join(FLAGS.workdir, "distill"), run)
   images = inference.generate(run, labels, FLAGS.seed,
                               batch_size=FLAGS.batch_size, decoder=decoder,
@@ -83,7 +82,7 @@ def main(argv) -> None:
                                   f"samples_{run.step}_w{w:g}.png")
   ncol = min(len(FLAGS.labels or range(max(run.config.model.num_classes, 1))),
              len(images))
-  evaluation.save_png(evaluation.make_grid(images, ncol=ncol), out)
+  metrics.save_png(metrics.make_grid(images, ncol=ncol), out)
   npz = os.path.splitext(out)[0] + ".npz"
   np.savez_compressed(npz, images=images, labels=labels)
   logging.info("Wrote %s and %s", out, npz)

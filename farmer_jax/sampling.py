@@ -584,9 +584,3 @@ def sample_images(model: Farmer, params: Any, rng: jax.Array,
   if denoise_sigma > 0:
     x = tweedie_denoise(model, params, x, labels, denoise_sigma)
   return jnp.clip(x, -1.0, 1.0)
-
-
-def to_uint8(x: jax.Array) -> jax.Array:
-  """`[-1, 1]` images -> `uint8` `{0..255}` (inverse of `x / 127.5 - 1`)."""
-  return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
-

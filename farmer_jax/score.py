@@ -31,10 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from farmer_jax import config_lib
 from farmer_jax import inference
 from farmer_jax import input_pipeline
 from farmer_jax import nll
-from farmer_jax import train
 
 FLAGS = flags.FLAGS
 _EXTENSIONS = input_pipeline.IMAGE_EXTENSIONS
@@ -128,7 +128,7 @@ def score_images(run, images: np.ndarray, *, label: str = "null",
     value = int(label)
     if not 0 <= value < num_classes:
       raise ValueError(f"--label={label}: classes are 0..{num_classes - 1}.")
-  fn = _bpd_fn(run.model, marginal, num_classes, train.num_dims(run.config))
+  fn = _bpd_fn(run.model, marginal, num_classes, config_lib.num_dims(run.config))
   rng, out = jax.random.PRNGKey(seed), []
   for start in range(0, len(images), batch_size):
     chunk = images[start:start + batch_size]

@@ -164,7 +164,8 @@ def runs(tmp_path_factory):
 def decoded(runs):
   """Exact and student decodes of `F(x)` for one tiny test batch."""
   config, _, student_dir, _, _ = runs
-  trainer, teacher = distill.load_teacher(config)
+  run = distill.load_teacher(config)
+  teacher = run.variables["params"]
   # The sampler's entry (`sample --decoder=student`): any object with .config.
   decode_fn, student_params = distill.load_decoder(
       student_dir, types.SimpleNamespace(config=config))
@@ -175,7 +176,7 @@ def decoded(runs):
 
   @jax.jit
   def decode(teacher, student_params):
-    model = trainer.model
+    model = run.model
     z, _ = model.apply({"params": teacher}, x, labels, method=Farmer.encode)
     exact = model.apply({"params": teacher}, z, labels, method=Farmer.decode)
     return exact, decode_fn(student_params, z, labels)

@@ -566,9 +566,9 @@ def test_images_in_range_with_rejection_cfg():
   assert x.shape == (8, 8, 8, 1) and x.dtype == jnp.float32
   assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0
   assert float(x.std()) > 0.05
-  u8 = sampling.to_uint8(x)
+  u8 = nll.to_uint8(x)
   assert u8.dtype == jnp.uint8
-  np.testing.assert_array_equal(sampling.to_uint8(nll.to_model_range(u8)), u8)
+  np.testing.assert_array_equal(nll.to_uint8(nll.to_model_range(u8)), u8)
 
 
 def test_closed_form_cfg_samples():

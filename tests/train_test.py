@@ -7,7 +7,9 @@ import pytest
 
 import helpers
 from farmer_jax import checkpointing
+from farmer_jax import sharding
 from farmer_jax import train
+from farmer_jax.models import Farmer
 
 
 def tiny_config(**overrides):
@@ -19,10 +21,15 @@ def tiny_config(**overrides):
 
 
 def restore_params(config, workdir, step=None):
-  trainer = train.Trainer(config, workdir)
-  state = trainer.checkpointer.restore_state(step, trainer.abstract_state)
-  trainer.checkpointer.close()
-  return state
+  """The whole TrainState (params, optimizer, EMA) of `step`."""
+  mesh = sharding.create_mesh(config)
+  _, abstract, _ = train.create_sharded_state(
+      config, Farmer(config.model), train.create_optimizer(config)[0], mesh)
+  ckpt = checkpointing.Checkpointer(workdir, config, read_only=True)
+  try:
+    return ckpt.restore_state(step, abstract)
+  finally:
+    ckpt.close()
 
 
 @pytest.fixture(scope="module")
