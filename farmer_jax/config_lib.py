@@ -34,7 +34,8 @@ ADDED_KEYS = {
     # FID / IS: off for runs trained before the section existed.
     "inception": dict(weights="", num_real=-1, reference_split="",
                       batch_size=100),
-    "": dict(eval_bayes_images=0),  # off, as it was.
+    "": dict(eval_bayes_images=0,  # off, as it was.
+             weight_decay_mask=False),  # decay on every weight, as it was.
     # Resampling CFG before the paper's Algorithm 1 (spec 7): balance-heuristic
     # weights on the sampling temperatures, one candidate count for z^I, z^R.
     "sample": dict(proposal="balance",

@@ -46,6 +46,7 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "The training run's --workdir.")
+  inference.define_mesh_flag()  # --mesh=-1,1,1 ...
   flags.DEFINE_integer("num_images", 200, "Test images to diagnose.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_string("out", None, "Output folder (default: "
@@ -135,9 +136,9 @@ def _prior_order_patches(run, x):
 
 
 def diagnose(workdir: str, num_images: int = 200, seed: int = 0,
-             out: str = None) -> dict:
+             out: str = None, mesh: str = None) -> dict:
   """Everything the CLI reports, as a dict (also written as JSON + PNG)."""
-  run = inference.restore(workdir)
+  run = inference.restore(workdir, mesh_shape=inference.parse_mesh(mesh))
   config = run.config
   out = out or os.path.join(workdir, "diagnosis")
   images, labels = classifier.real_images(config, config.data.eval_split,
@@ -166,7 +167,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   print(json.dumps(diagnose(FLAGS.workdir, FLAGS.num_images, FLAGS.seed,
-                            FLAGS.out), indent=1))
+                            FLAGS.out, FLAGS.mesh), indent=1))
 
 
 if __name__ == "__main__":

@@ -288,6 +288,15 @@ def sampling_kwargs(sample_config, **overrides) -> dict:
   return kw
 
 
+def define_mesh_flag() -> None:
+  """`--mesh=data,fsdp,tensor`: restore onto this mesh (`restore`)."""
+  flags.DEFINE_string(
+      "mesh", None, "Mesh shape data,fsdp,tensor to restore onto (one may be "
+      "-1), e.g. -1,1,1 (data parallel) or 1,-1,1 (FSDP). Default: the run's "
+      "config.mesh_shape, which must fit the devices here.",
+      module_name=sys.argv[0])
+
+
 def define_sampling_flags() -> None:
   """One CLI flag per `SamplingOptions` field; None: `config.sample`'s.
 
@@ -323,16 +332,18 @@ def _sampler(model, batch_sharding, denoise_sigma, decode_fn, kw):
                          **dict(kw))
 
   def sample(params, decoder_variables, rng, labels):
-    return nll.to_uint8(fn(params, rng, labels,
-                                decoder_variables=decoder_variables))
+    images, fallbacks = fn(params, rng, labels, return_fallbacks=True,
+                           decoder_variables=decoder_variables)
+    return nll.to_uint8(images), fallbacks
 
   return jax.jit(sample, in_shardings=(None, None, None, batch_sharding),
-                 out_shardings=batch_sharding)
+                 out_shardings=(batch_sharding, batch_sharding))
 
 
 def generate(run: Run, labels: Sequence[int], seed: int, *,
              batch_size: int = 0, decoder=None, denoise: bool = False,
-             progress: bool = False, **kwargs) -> np.ndarray:
+             progress: bool = False, stats: Optional[dict] = None,
+             **kwargs) -> np.ndarray:
   """Class-conditional samples as uint8 `[len(labels), H, W, C]`.
 
   Args:
@@ -347,6 +358,10 @@ def generate(run: Run, labels: Sequence[int], seed: int, *,
       hashable (e.g. the distilled student's decode, farmer_jax.distill).
     denoise: one Tweedie step with sigma = config.noise_min (spec 6.3).
     progress: log each batch with images/s.
+    stats: if a dict, `guidance_fallbacks` (guided draws, one per latent
+      dimension, that fell back to `p_c`: 'rejection' with no accepted try,
+      'closed_form' on an improper target) and `guidance_fallback_fraction`
+      (of all `len(labels) * N * d` latent dimensions) are added to it.
     **kwargs: overrides of `config.sample` (cfg_scale, guidance, ...).
   """
   labels = np.asarray(labels, np.int32)
@@ -358,22 +373,32 @@ def generate(run: Run, labels: Sequence[int], seed: int, *,
   fn = _sampler(run.model, run.batch_sharding, sigma, decode_fn,
                 tuple(sorted(kw.items())))
   rng = jax.random.PRNGKey(seed)
-  out = []
+  out, fallbacks = [], 0
   for i, start in enumerate(range(0, len(labels), per_call)):
     t0 = time.time()
     chunk = labels[start:start + per_call]
     padded = np.resize(chunk, per_call) if len(chunk) < per_call else chunk
     with sharding.context(run.mesh, run.config):
-      images = fn(run.variables, decoder_variables,
+      images, counts = fn(run.variables, decoder_variables,
                   jax.random.fold_in(rng, i),
                   # Every host holds all labels and supplies its shards
                   # (also right when the mesh spans several hosts).
                   jax.make_array_from_callback(
                       padded.shape, run.batch_sharding,
                       lambda index, a=padded: a[index]))
-    out.append(metrics.to_host(images)[:len(chunk)])  # all hosts
+    images, counts = metrics.to_host((images, counts))  # all hosts
+    out.append(images[:len(chunk)])
+    fallbacks += int(counts[:len(chunk)].sum())
     if progress:
       done = start + len(chunk)
       logging.info("sampled %d / %d (%.2f images/s)", done, len(labels),
                    len(chunk) / (time.time() - t0))
+  if stats is not None:
+    dims = len(labels) * run.model.num_tokens * run.model.token_dim
+    stats.update(guidance_fallbacks=fallbacks,
+                 guidance_fallback_fraction=fallbacks / max(dims, 1))
+    if fallbacks:
+      logging.warning("%d of %d latent dimensions fell back to p_c (guidance "
+                      "%s had no sample of its target there).", fallbacks,
+                      dims, kw["guidance"])
   return np.concatenate(out)

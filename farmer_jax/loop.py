@@ -51,16 +51,19 @@ class TrainState:
 
 
 # Parameter names that weight decay leaves alone with
-# `config.weight_decay_mask` (norm scales, biases, embeddings): decay pulls
-# them towards 0, which is no regulariser for them.
-_NO_DECAY_NAMES = ("bias", "scale", "embedding", "pos_emb")
+# `config.weight_decay_mask`: norm scales, biases (`bias`; the MLP's `bi`,
+# `bo`) and embeddings (class, position, learned tokens). Decay pulls them
+# towards 0, which regularises nothing there. By name, not by rank: scanned
+# layers give biases a leading layer axis.
+_NO_DECAY_NAMES = frozenset({"bias", "bi", "bo", "scale", "embedding",
+                             "pos_emb", "pos_R", "extra_token"})
 
 
 def decay_mask(params) -> Any:
   """True for parameters that get weight decay (kernels), False otherwise."""
   def decays(path, _):
     name = str(getattr(path[-1], "key", path[-1]))
-    return not any(n in name for n in _NO_DECAY_NAMES)
+    return name not in _NO_DECAY_NAMES
   return jax.tree_util.tree_map_with_path(decays, params)
 
 

@@ -175,6 +175,8 @@ def to_host(tree):
   """
   def get(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if x.is_fully_replicated:  # every process holds it: no collective
+        return np.asarray(x.addressable_data(0))
       return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
   return jax.tree.map(get, tree)

