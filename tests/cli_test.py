@@ -96,6 +96,8 @@ def test_evaluate_writes_exact_bpd_and_sweep(run, trained_workdir):
   assert saved["sampling"] == inference.sampling_kwargs(run.config.sample)
   assert saved["bayes_num_images"] == run.config.eval_bayes_images == 64
   assert 0.0 <= saved["bayes_accuracy"] <= 1.0
+  # Resampling CFG never falls back to p_c; the count is reported.
+  assert saved["samples"]["guidance_fallbacks"] == 0
   prefix = os.path.join(trained_workdir, "eval", f"cfg_sweep_{run.step}")
   lines = open(prefix + ".csv").read().splitlines()
   assert lines[0] == "cfg_scale,accuracy,frechet,num_samples"
