@@ -26,6 +26,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from farmer_jax import config_lib
+from farmer_jax import sharding
 
 CONFIG_FILE = "config.json"
 
@@ -255,3 +256,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     for key, value in defaults.items():
       node.setdefault(key, value(node) if callable(value) else value)
   return ml_collections.ConfigDict(_tuples(raw))
+
+
+# Moved to `sharding` (it builds the restore target's shardings); kept here
+# for callers of the old name.
+abstract_with_shardings = sharding.with_shardings

@@ -348,7 +348,7 @@ def test_nonfinite_in_a_row_aborts_naming_the_step(tmp_path, runs, reference,
              cache_dir=cache_dir)
   assert run.finish() != 0
   assert last_error(run.log).startswith(
-      "farmer_jax.train.NonFiniteError: 2 non-finite steps in a row, the "
+      "farmer_jax.loop.NonFiniteError: 2 non-finite steps in a row, the "
       "last at step 4"), run.tail()
   # Nothing saved after the abort, and nothing saved is corrupt.
   assert steps_on_disk(workdir) == ([2, 4], [])
