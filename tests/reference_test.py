@@ -238,3 +238,23 @@ def test_weight_decay_mask_spares_norms_biases_and_embeddings():
   for k in decayed:
     assert not any(n in k for n in ("'bias'", "'scale'", "'embedding'",
                                     "pos_emb", "'bi'", "'bo'")), k
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_weight_decay_mask_reaches_the_optimizer(masked):
+  """Zero gradients: only weight decay moves parameters. With the mask the
+  bias stays, the kernel shrinks; without it both shrink. The optimizer's
+  own count (what the logged learning rate reads) advances per update."""
+  config = helpers.load_config("digits", "tiny")
+  config.update(dict(weight_decay=0.1, weight_decay_mask=masked))
+  tx, _ = loop.create_optimizer(config, lr=1.0, warmup_steps=1,
+                                total_steps=100)
+  params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  opt_state = tx.init(params)
+  for _ in range(2):
+    updates, opt_state = tx.update(zeros, opt_state, params)
+    params = jax.tree.map(lambda p, u: p + u, params, updates)
+  assert int(loop.optimizer_count(opt_state)) == 2
+  assert float(params["dense"]["kernel"][0, 0]) < 1.0
+  assert (float(params["dense"]["bias"][0]) == 1.0) == masked
