@@ -27,6 +27,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from farmer_jax import distill
+from farmer_jax import metrics
 from farmer_jax import nll
 from farmer_jax.models import Farmer
 
@@ -51,10 +52,11 @@ def _median_seconds(fn, *args, repeats: int) -> float:
   return statistics.median(times)
 
 
-def _test_set(trainer):
+def _test_set(run):
   """All test images `[M, H, W, C]` in `[-1, 1]` and their labels."""
   xs, labels = [], []
-  for batch in trainer.eval_batches():
+  for batch in metrics.eval_batches(run.config, run.config.data.eval_split,
+                                    run.batch_sharding, -1):
     mask = np.asarray(jax.device_get(batch["mask"])) > 0
     xs.append(np.asarray(jax.device_get(batch["image"]))[mask])
     labels.append(np.asarray(jax.device_get(batch["label"]))[mask])
@@ -76,15 +78,15 @@ def _recon(decode_fn, params, z, x, labels, chunk: int = 100):
 def main(argv) -> None:
   del argv
   config = _CONFIG.value
-  trainer, teacher = distill.load_teacher(config)
-  model = trainer.model
+  run = distill.load_teacher(config)
+  model, teacher = run.model, run.variables["params"]
   student, student_params = distill.load_student(config, _STUDENT.value)
   encode = jax.jit(functools.partial(model.apply, method=Farmer.encode))
   exact = jax.jit(lambda p, z, l: model.apply({"params": p}, z, l,
                                               method=Farmer.decode))
   fast = jax.jit(functools.partial(distill.student_decode, student))
 
-  x, labels = _test_set(trainer)
+  x, labels = _test_set(run)
   z = jnp.concatenate([encode({"params": teacher}, x[i:i + 100],
                               labels[i:i + 100])[0]
                        for i in range(0, len(x), 100)])

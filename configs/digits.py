@@ -82,6 +82,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.lr = 1e-3
   config.warmup_steps = 10 if tiny else 100
   config.weight_decay = 1e-4
+  # True: no decay on norm scales, biases, embeddings (loop.decay_mask).
+  # False: the README numbers were measured with decay on every weight.
+  config.weight_decay_mask = False
   config.b1 = 0.9
   config.b2 = 0.95
   config.grad_clip = 1.0

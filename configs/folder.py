@@ -103,6 +103,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.lr = 5e-4
   config.warmup_steps = 500
   config.weight_decay = 1e-4
+  # True: no decay on norm scales, biases, embeddings (loop.decay_mask).
+  # False: as digits.
+  config.weight_decay_mask = False
   config.b1 = 0.9
   config.b2 = 0.95
   config.grad_clip = 1.0

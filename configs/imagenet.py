@@ -185,6 +185,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.lr = 1e-3 if local else 1e-4  # guess: AdamW peak for ~1B params.
   config.warmup_steps = 2 if local else 10_000  # guess: ~8 epochs.
   config.weight_decay = 1e-4  # guess: light decoupled decay.
+  # No decay on norm scales, biases, embeddings (loop.decay_mask).
+  config.weight_decay_mask = True
   config.b1 = 0.9  # guess: AdamW as for large transformers.
   config.b2 = 0.95  # guess: AdamW as for large transformers.
   config.grad_clip = 1.0  # guess: the usual global-norm clip.

@@ -6,6 +6,9 @@ A checkpoint step holds three items:
   * `config`: the model config as JSON, checked on restore so a workdir
     written by another architecture fails with a message naming the
     difference instead of a shape error (and the checkpoint is untouched).
+Inference reads only the EMA parameters of a step (`restore_params`, an
+Orbax partial restore): no optimizer state is built or read. The run's
+whole config is `<workdir>/config.json` (`save_config` / `load_config`).
 Orbax writes each step to a temporary directory and renames it when
 complete, so a crash mid-save never leaves a step that `latest_step` sees;
 the next run deletes such leftovers. A save that fails (disk full, no
@@ -14,13 +17,18 @@ stay as they were.
 """
 import json
 import os
+from typing import Optional
 
 from absl import logging
 import grain
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 
 from farmer_jax import config_lib
+from farmer_jax import sharding
+
+CONFIG_FILE = "config.json"
 
 
 class CheckpointMismatchError(ValueError):
@@ -38,17 +46,19 @@ def _model_dict(config) -> dict:
 class Checkpointer:
   """Saves/restores the train state and data iterator under `workdir`."""
 
-  def __init__(self, workdir: str, config):
+  def __init__(self, workdir: str, config, *, read_only: bool = False):
     self._config = config
     self._manager = ocp.CheckpointManager(
         # Orbax's TensorStore writer needs an absolute local path.
         os.path.join(workdir if "://" in workdir else os.path.abspath(
             workdir), "checkpoints"),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=config.keep_ckpts,
-            enable_async_checkpointing=True,
-            create=True,
-            cleanup_tmp_directories=True,  # leftovers of a killed save.
+            max_to_keep=None if read_only else config.keep_ckpts,
+            enable_async_checkpointing=not read_only,
+            create=not read_only,
+            read_only=read_only,
+            # Leftovers of a killed save; a reader leaves a live run's alone.
+            cleanup_tmp_directories=not read_only,
         ),
     )
     self._save_failed = False
@@ -131,8 +141,18 @@ class Checkpointer:
     ))
     return restored["state"], restored["data_iter"]
 
-  def restore_state(self, step, abstract_state):
-    """Only the train state (evaluation, sampling); latest step if None."""
+  def has_field(self, step: Optional[int], key: str) -> bool:
+    """Whether the saved state of `step` (latest if None) has field `key`."""
+    step = self.latest_step() if step is None else step
+    meta = self._manager.directory / str(step) / "state" / "_METADATA"
+    if not meta.exists():
+      return True  # let the restore say what is missing
+    tree = json.loads(meta.read_text()).get("tree_metadata", {})
+    return any(entry["key_metadata"][0]["key"] == key
+               for entry in tree.values() if entry.get("key_metadata"))
+
+  def restore_state(self, step: Optional[int], abstract_state):
+    """The whole train state of `step` (latest if None), no iterator."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(
@@ -140,6 +160,31 @@ class Checkpointer:
     self.check_config(step)
     return self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))["state"]
+
+  def restore_params(self, step: Optional[int], abstract_params,
+                     key: str = "ema_params"):
+    """`state[key]` alone (an Orbax partial restore), latest step if None.
+
+    Args:
+      step: checkpoint step; None = the latest.
+      abstract_params: ShapeDtypeStructs with shardings: the target tree.
+      key: the state field to read (`ema_params`, or `params`).
+
+    Returns:
+      `(params, step)`.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(
+          f"No checkpoint in {self._manager.directory}; train first.")
+    self.check_config(step)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(
+        abstract_params)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item={key: abstract_params}, restore_args={key: restore_args},
+            partial_restore=True)))["state"]
+    return restored[key], step
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -176,8 +221,43 @@ def _position_iterator(iter_dir, data_iter):
   return data_iter
 
 
-def abstract_with_shardings(abstract_tree, shardings):
-  """ShapeDtypeStructs carrying the target shardings (the restore target)."""
-  return jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract_tree, shardings)
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes the run's config as `<workdir>/config.json` (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
+  with open(tmp, "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(tmp, os.path.join(workdir, CONFIG_FILE))  # never half-written
+
+
+def _tuples(value):
+  """JSON lists back to the tuples configs use (configs hold no lists)."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run in `workdir` was trained with (`config_lib.ADDED_KEYS`
+  filled in for runs older than a key)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"{path} does not exist: {workdir} holds no training run (it is "
+        "written when `python -m farmer_jax.main` starts). Pass the run's "
+        "--workdir, or --config=configs/<name>.py for a run made before "
+        "config.json existed.")
+  with open(path) as f:
+    raw = json.load(f)
+  for section, defaults in config_lib.ADDED_KEYS.items():
+    node = raw.setdefault(section, {}) if section else raw
+    for key, value in defaults.items():
+      node.setdefault(key, value(node) if callable(value) else value)
+  return ml_collections.ConfigDict(_tuples(raw))
+
+
+# Moved to `sharding` (it builds the restore target's shardings); kept here
+# for callers of the old name.
+abstract_with_shardings = sharding.with_shardings

@@ -41,7 +41,8 @@ ADDED_KEYS = {
     # FID / IS: off for runs trained before the section existed.
     "inception": dict(weights="", num_real=-1, reference_split="",
                       batch_size=100),
-    "": dict(eval_bayes_images=0),  # off, as it was.
+    "": dict(eval_bayes_images=0,  # off, as it was.
+             weight_decay_mask=False),  # decay on every weight, as it was.
     # Resampling CFG before the paper's Algorithm 1 (spec 7): balance-heuristic
     # weights on the sampling temperatures, one candidate count for z^I, z^R.
     "sample": dict(proposal="balance",
@@ -522,6 +523,11 @@ def derived(config: ml_collections.ConfigDict, *, process_count: int,
       d_R=d - model.d_I,
       total_images_seen=config.total_steps * config.batch_size,
   )
+
+
+def num_dims(config: ml_collections.ConfigDict) -> int:
+  """Dimensions D of one image (`bits/dim` divides by it)."""
+  return config.model.image_size ** 2 * config.model.channels
 
 
 def flatten(config: ml_collections.ConfigDict) -> dict[str, Any]:

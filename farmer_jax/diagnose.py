@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from farmer_jax import classifier
-from farmer_jax import evaluation
 from farmer_jax import inference
+from farmer_jax import metrics
 from farmer_jax import nll
 from farmer_jax import sampling
 from farmer_jax.models import Farmer
@@ -46,6 +46,7 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "The training run's --workdir.")
+  inference.define_mesh_flag()  # --mesh=-1,1,1 ...
   flags.DEFINE_integer("num_images", 200, "Test images to diagnose.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_string("out", None, "Output folder (default: "
@@ -105,7 +106,7 @@ def latent_hybrids(run, images: np.ndarray, labels: np.ndarray,
   decoded["draw_I+draw_R (denoised)"] = jnp.clip(sampling.tweedie_denoise(
       model, params, decoded["draw_I+draw_R"], lab,
       float(run.config.noise_min)), -1, 1)
-  out = {k: evaluation.to_uint8(v) for k, v in decoded.items()}
+  out = {k: metrics.to_host(nll.to_uint8(v)) for k, v in decoded.items()}
 
   # Background tokens: every pixel of the patch is 0 (black) in the image,
   # in the prior's token order (the flow's terminal permutation).
@@ -135,9 +136,9 @@ def _prior_order_patches(run, x):
 
 
 def diagnose(workdir: str, num_images: int = 200, seed: int = 0,
-             out: str = None) -> dict:
+             out: str = None, mesh: str = None) -> dict:
   """Everything the CLI reports, as a dict (also written as JSON + PNG)."""
-  run = inference.restore(workdir)
+  run = inference.restore(workdir, mesh_shape=inference.parse_mesh(mesh))
   config = run.config
   out = out or os.path.join(workdir, "diagnosis")
   images, labels = classifier.real_images(config, config.data.eval_split,
@@ -148,14 +149,14 @@ def diagnose(workdir: str, num_images: int = 200, seed: int = 0,
   rows = {"real": dict(accuracy=float(np.mean(
       classifier.predict(model, params, images) == labels)), frechet=0.0)}
   for name, imgs in hybrids.items():
-    q = evaluation.sample_quality(imgs, labels, (model, params), real_feats)
+    q = metrics.sample_quality(imgs, labels, (model, params), real_feats)
     rows[name] = dict(accuracy=q["accuracy"], frechet=q["frechet"])
   result = dict(step=run.step, num_images=int(len(labels)),
                 classifier_test_accuracy=info["test_accuracy"],
                 hybrids=rows, latents=stats)
   grid = np.concatenate([images[:16]] + [v[:16] for v in hybrids.values()])
   os.makedirs(out, exist_ok=True)
-  evaluation.save_png(evaluation.make_grid(grid, ncol=16),
+  metrics.save_png(metrics.make_grid(grid, ncol=16),
                       os.path.join(out, "diagnosis.png"))
   with open(os.path.join(out, "diagnosis.json"), "w") as f:
     json.dump(result, f, indent=2)
@@ -166,7 +167,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   print(json.dumps(diagnose(FLAGS.workdir, FLAGS.num_images, FLAGS.seed,
-                            FLAGS.out), indent=1))
+                            FLAGS.out, FLAGS.mesh), indent=1))
 
 
 if __name__ == "__main__":

@@ -13,55 +13,41 @@ instead of `n x N` sequential token steps. Loss (`config.distill.per_block`):
   False  end-to-end only, MSE(G(Z~_n), x).
 
 Data `x` are training images dequantised as the teacher saw them at the end
-of its training (`nll.augment` at `config.noise_min`). Sharding, Orbax
-checkpoints with the Grain iterator (resume), and CLU logging are those of
-`train.py`; the student's workdir must differ from the teacher's.
+of its training (`nll.augment` at `config.noise_min`). The teacher is
+restored params-only (`inference.restore`) onto the run's mesh. The loop is
+training's (`loop.run`: non-finite skip and abort, EMA at
+`config.distill.ema_decay`, Orbax checkpoints with the Grain iterator,
+CLU logging, multi-host gathers); the student's workdir must differ from the
+teacher's. Its evaluation and `load_student` use the student's EMA params.
 
 Run (a config with a `distill` section, e.g. configs/digits_distill.py):
 
   python -m farmer_jax.main --config=configs/digits_distill.py \
       --workdir=workdirs/digits_student
 
-For sampling: `student, params = load_student(config, student_workdir)`,
-then `student_decode(student, params, z, labels)` replaces `Farmer.decode`
-(`load_decoder` bundles the two for `farmer_jax.sample --decoder=student`).
+For sampling: `student, params = inference.load_student(config,
+student_workdir)`, then `inference.student_decode(student, params, z,
+labels)` replaces `Farmer.decode` (`inference.load_decoder` bundles the two
+for `farmer_jax.sample --decoder=student`).
 """
 import functools
-import math
 import os
-import time
-from typing import Any, Optional
+from typing import Optional
 
 from absl import logging
-from clu import metric_writers
-from clu import periodic_actions
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import optax
 
-from farmer_jax import checkpointing
 from farmer_jax import config_lib
-from farmer_jax import evaluation
-from farmer_jax import input_pipeline
+from farmer_jax import inference
+from farmer_jax import loop
+from farmer_jax import metrics
 from farmer_jax import nll
 from farmer_jax import sharding
-from farmer_jax import train
 from farmer_jax.models import Farmer
 from farmer_jax.models import patchify
-from farmer_jax.models import unpatchify
 from farmer_jax.models.student import StudentDecoder
-
-
-@flax.struct.dataclass
-class DistillState:
-  step: jax.Array
-  params: Any  # the student's; the tree of the teacher's params['flow']
-  opt_state: Any
-  rng: jax.Array
 
 
 def is_distill_config(config) -> bool:
@@ -90,36 +76,17 @@ def validate(config, workdir: str) -> None:
 
 
 def create_optimizer(config):
-  """`train.create_optimizer` with the `distill` section's lr and steps."""
+  """`loop.create_optimizer` with the `distill` section's lr and steps."""
   d = config.distill
-  return train.create_optimizer(ml_collections.ConfigDict(dict(
-      lr=d.lr, warmup_steps=d.warmup_steps, total_steps=d.total_steps,
-      grad_clip=config.grad_clip, b1=config.b1, b2=config.b2,
-      weight_decay=config.weight_decay)))
+  return loop.create_optimizer(config, lr=d.lr, warmup_steps=d.warmup_steps,
+                               total_steps=d.total_steps)
 
 
-def create_student(model_config) -> StudentDecoder:
-  """The student for `config.model` (the teacher's model config)."""
-  cfg = ml_collections.FrozenConfigDict(model_config)
-  return StudentDecoder(cfg, (cfg.image_size // cfg.patch_size) ** 2,
-                        cfg.patch_size ** 2 * cfg.channels)
-
-
-def student_decode(student: StudentDecoder, student_params, z, labels):
-  """One-step decoder: latents -> images, like `Farmer.decode`.
-
-  Args:
-    student: from `create_student` / `load_student`.
-    student_params: the student's params (no `{'params': ...}` wrapper).
-    z: `[B, N, d]` latents in the AR prior's token order.
-    labels: `[B]` int (used only if `af_class_cond`).
-
-  Returns:
-    `[B, H, W, C]` float32 images in `[-1, 1]` units, not clipped.
-  """
-  tokens = student.apply({"params": student_params}, z, labels)
-  s = student.cfg.image_size
-  return unpatchify(tokens, student.cfg.patch_size, s, s)
+# The student at inference time lives in `inference` (no training imports).
+create_student = inference.create_student
+student_decode = inference.student_decode
+load_student = inference.load_student
+load_decoder = inference.load_decoder
 
 
 def teacher_path(model: Farmer, teacher_params, x, labels):
@@ -141,151 +108,87 @@ def distill_loss(student, params, path, labels, rng, latent_noise: float,
   return (sum(mses) / len(mses) if per_block else mses[-1]), mses
 
 
-def distill_step(state: DistillState, teacher_params, batch, *, model,
+def distill_step(state: loop.TrainState, teacher_params, batch, *, model,
                  student, tx, schedule, config):
-  """One student update on a batch of training images (pure, jitted once)."""
+  """One student update on a batch of training images (pure, jitted once).
+
+  The update is training's (`loop.apply_gradients`): a non-finite loss or
+  gradient is skipped and counted, EMA at `config.distill.ema_decay`.
+  """
   rng_data, rng_latent = jax.random.split(
       jax.random.fold_in(state.rng, state.step))
   x = nll.augment(rng_data, batch["image"], config.noise_min,
                   config.noise_schedule)
+  x = loop.inject_nonfinite(x, state.step + 1, config.debug_nonfinite_steps)
   path = teacher_path(model, teacher_params, x, batch["label"])
   d = config.distill
   (loss, mses), grads = jax.value_and_grad(distill_loss, argnums=1,
                                            has_aux=True)(
       student, state.params, path, batch["label"], rng_latent,
       d.latent_noise, d.per_block)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1,
-                            params=optax.apply_updates(state.params, updates),
-                            opt_state=opt_state)
+  new_state, update_metrics = loop.apply_gradients(
+      state, grads, loss, tx=tx, schedule=schedule,
+      ema_decay=d.get("ema_decay", 0.0))
   n = len(mses)
-  metrics = dict(loss=loss, recon_rmse_noisy=jnp.sqrt(mses[-1]),
-                 grad_norm=optax.global_norm(grads),
-                 param_norm=optax.global_norm(state.params),
-                 learning_rate=schedule(state.step),
-                 **{f"mse_block{n - 1 - k}": m for k, m in enumerate(mses)})
-  return new_state, metrics
-
-
-def reconstruct(model, student, teacher_params, student_params, batch):
-  """`G(F(x))` of clean test images and per-image errors, `[-1, 1]` units.
-
-  Returns:
-    dict: `recon [B, H, W, C]`, `sq_err [B]` (`‖G(F(x)) - x‖^2 / D`) and
-    `max_abs [B]`.
-  """
-  x = nll.to_model_range(batch["image"])
-  z, _ = model.apply({"params": teacher_params}, x, batch["label"],
-                     method=Farmer.encode)
-  recon = student_decode(student, student_params, z, batch["label"])
-  err = (recon - x).reshape(x.shape[0], -1)
-  return dict(recon=recon, sq_err=jnp.mean(jnp.square(err), -1),
-              max_abs=jnp.max(jnp.abs(err), -1))
+  step_metrics = dict(
+      loss=loss, recon_rmse_noisy=jnp.sqrt(mses[-1]), **update_metrics,
+      **{f"mse_block{n - 1 - k}": m for k, m in enumerate(mses)})
+  return new_state, step_metrics
 
 
 def _state_fns(student, tx, mesh, config):
   """`(init_fn(flow_params), abstract_state, shardings)`: born sharded."""
   rng = jax.random.PRNGKey(config.seed)
-  n, d = student.num_tokens, student.token_dim
-
-  def boxed_state(rng):
-    z, labels = jnp.zeros((1, n, d)), jnp.zeros((1,), jnp.int32)
-    params = student.init({"params": rng}, z, labels)["params"]
-    zero = jnp.zeros((), jnp.int32)
-    return DistillState(zero, params, tx.init(params), rng)
-
-  boxed = jax.eval_shape(boxed_state, rng)
-  shardings = sharding.tree_shardings(boxed, mesh, config)
-  abstract = checkpointing.abstract_with_shardings(nn.meta.unbox(boxed),
-                                                   shardings)
+  abstract, shardings = sharding.abstract_and_shardings(
+      lambda: loop.new_state(inference.student_init(student, rng), tx, rng), mesh,
+      config)
 
   @functools.partial(jax.jit, out_shardings=shardings)
   def init_fn(flow_params):
     # A copy, so donating the student's state never frees teacher buffers.
-    params = jax.tree.map(jnp.copy, flow_params)
-    return DistillState(jnp.zeros((), jnp.int32), params, tx.init(params),
-                        rng)
+    return loop.new_state(jax.tree.map(jnp.copy, flow_params), tx, rng)
 
   return init_fn, abstract, shardings
 
 
-def load_teacher(config):
-  """Restores the teacher's EMA params from `config.distill.teacher_workdir`.
+def load_teacher(config, mesh=None) -> inference.Run:
+  """The teacher's EMA params (only) from `config.distill.teacher_workdir`.
+
+  Args:
+    config: the distillation config; its `model` section must be the
+      teacher's (checked against the checkpoint).
+    mesh: restore onto this mesh; default: one from `config.mesh_shape`.
 
   Returns:
-    `(trainer, ema_params)`; `trainer` (a `train.Trainer` on the teacher's
-    workdir) holds the mesh, the model and the params' shardings.
+    The teacher as an `inference.Run` (model, `{'params': EMA}`, mesh).
   """
-  trainer = train.Trainer(config, config.distill.teacher_workdir)
-  try:
-    state = trainer.checkpointer.restore_state(None, trainer.abstract_state)
-  finally:
-    trainer.checkpointer.close()
-  logging.info("Teacher: step %d of %s (EMA params).", int(state.step),
+  run = inference.restore(config.distill.teacher_workdir, config=config,
+                          mesh=mesh)
+  logging.info("Teacher: step %d of %s (EMA params).", run.step,
                config.distill.teacher_workdir)
-  return trainer, state.ema_params
-
-
-def load_student(config, workdir: str, step: Optional[int] = None):
-  """The trained student of `workdir`, for sampling and evaluation.
-
-  Args:
-    config: a config with the teacher's `model` section (the distillation
-      config, or the teacher's own: the optimizer values only shape the
-      restore target, so any `distill` section will do).
-    workdir: the student's workdir (`--workdir` of the distillation run).
-    step: checkpoint step; the latest if None.
-
-  Returns:
-    `(student, params)` for `student_decode(student, params, z, labels)`.
-  """
-  if "distill" not in config:
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.distill = ml_collections.ConfigDict(dict(
-        teacher_workdir="", total_steps=1, warmup_steps=0, lr=1.0,
-        latent_noise=0.0, per_block=True))
-  student = create_student(config.model)
-  mesh = sharding.create_mesh(config)
-  _, abstract, _ = _state_fns(student, create_optimizer(config)[0], mesh,
-                              config)
-  ckpt = checkpointing.Checkpointer(workdir, config)
-  try:
-    state = ckpt.restore_state(step, abstract)
-  finally:
-    ckpt.close()
-  return student, state.params
-
-
-def load_decoder(workdir: str, run):
-  """The student as `farmer_jax.sample --decoder=student` uses it.
-
-  Args:
-    workdir: the student's workdir.
-    run: anything with the teacher's `config` (e.g. `inference.Run`).
-
-  Returns:
-    `(decode_fn, params)`, `decode_fn(params, z, labels) -> x` as
-    `student_decode`.
-  """
-  student, params = load_student(run.config, workdir)
-  return functools.partial(student_decode, student), params
+  return run
 
 
 class Distiller:
-  """Everything `distill_and_evaluate` needs, built from the config."""
+  """Distillation as a `loop.Task`, built from the config."""
 
   def __init__(self, config, workdir: str):
     validate(config, workdir)
+    config_lib.validate(config, num_devices=jax.device_count(),
+                        process_count=jax.process_count())
+    config_lib.check_workdir(workdir)
     self.config, self.workdir = config, workdir
-    teacher, self.teacher_params = load_teacher(config)
-    self.mesh, self.model = teacher.mesh, teacher.model
-    self.batch_sharding = teacher.batch_sharding
-    self.eval_batches = teacher.eval_batches
+    self.mesh = sharding.create_mesh(config)
+    teacher = load_teacher(config, self.mesh)
+    self.model, self.teacher_params = teacher.model, teacher.variables[
+        "params"]
+    self.batch_sharding = sharding.batch_sharding(self.mesh, config)
     self.student = create_student(config.model)
     self.tx, self.schedule = create_optimizer(config)
     self.init_fn, self.abstract_state, state_shardings = _state_fns(
         self.student, self.tx, self.mesh, config)
-    teacher_shardings = teacher.state_shardings.ema_params
+    teacher_shardings = jax.tree.map(lambda a: a.sharding,
+                                     self.teacher_params)
     step_fn = functools.partial(
         distill_step, model=self.model, student=self.student, tx=self.tx,
         schedule=self.schedule, config=config)
@@ -294,32 +197,40 @@ class Distiller:
         in_shardings=(state_shardings, teacher_shardings, self.batch_sharding),
         out_shardings=(state_shardings, sharding.replicated(self.mesh)),
         donate_argnums=0)
-    self.recon_fn = jax.jit(functools.partial(reconstruct, self.model,
-                                              self.student))
-    self.checkpointer = checkpointing.Checkpointer(workdir, config)
+    self.recon_fn = jax.jit(functools.partial(
+        metrics.reconstruction, self.model,
+        decode_fn=functools.partial(student_decode, self.student)))
 
-  def restore_or_init(self, data_iter):
-    """Checkpoint in workdir -> the teacher's flow weights."""
-    step = self.checkpointer.latest_step()
-    if step is not None:
-      return self.checkpointer.restore(step, self.abstract_state, data_iter)
-    logging.info("No checkpoint in %s: student = teacher's flow weights.",
-                 self.workdir)
-    with sharding.context(self.mesh, self.config):
-      return self.init_fn(self.teacher_params["flow"]), data_iter
+  def task(self) -> loop.Task:
+    return loop.Task(
+        mesh=self.mesh, batch_sharding=self.batch_sharding,
+        init_fn=lambda: self.init_fn(self.teacher_params["flow"]),
+        abstract_state=self.abstract_state,
+        step_fn=lambda state, batch: self.step_fn(state, self.teacher_params,
+                                                  batch),
+        evaluate=self.evaluate, total_steps=self.config.distill.total_steps,
+        eval_at_start=True,
+        fix_hint="Lower config.distill.lr or check the teacher.")
+
+  def eval_batches(self):
+    return metrics.eval_batches(self.config, self.config.data.eval_split,
+                                self.batch_sharding,
+                                self.config.num_eval_batches)
 
   def evaluate(self, state, writer, step: int) -> dict:
-    """Reconstruction error `G(F(x)) - x` on the test split + a PNG grid."""
+    """Reconstruction error `G(F(x)) - x` (student EMA) + a PNG grid."""
     sq, mx, masks, grid = [], [], [], None
     with sharding.context(self.mesh, self.config):
       for batch in self.eval_batches():
-        out = self.recon_fn(self.teacher_params, state.params, batch)
+        out = metrics.to_host(self.recon_fn(
+            self.teacher_params, batch["image"], batch["label"],
+            decoder_params=state.ema_params))
         if grid is None:
-          grid = evaluation.make_grid(evaluation.to_uint8(
-              out["recon"][:self.config.num_grid_images]))
-        sq.append(np.asarray(jax.device_get(out["sq_err"])))
-        mx.append(np.asarray(jax.device_get(out["max_abs"])))
-        masks.append(np.asarray(jax.device_get(batch["mask"])) > 0)
+          recon = out["recon"][:self.config.num_grid_images]
+          grid = metrics.make_grid(np.asarray(nll.to_uint8(recon)))
+        sq.append(out["sq_err"])
+        mx.append(out["max_abs"])
+        masks.append(metrics.to_host(batch["mask"]) > 0)
     mask = np.concatenate(masks)
     result = dict(recon_rmse=float(np.sqrt(np.concatenate(sq)[mask].mean())),
                   recon_max_abs=float(np.concatenate(mx)[mask].max()),
@@ -327,7 +238,7 @@ class Distiller:
     writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
     logging.info("student eval step %d: %s", step, result)
     if jax.process_index() == 0:
-      evaluation.save_png(grid, os.path.join(
+      metrics.save_png(grid, os.path.join(
           self.workdir, "images", f"student_reconstructions_{step}.png"))
     writer.write_images(step, {"student_reconstructions": grid[None]})
     return result
@@ -349,56 +260,5 @@ def distill_and_evaluate(config, workdir: str, *,
   """
   distiller = Distiller(config, workdir)
   logging.info("Distilling: %s", config.distill)
-  data_iter = input_pipeline.create_train_iterator(
-      config, process_index=jax.process_index(),
-      process_count=jax.process_count())
-  state, data_iter = distiller.restore_or_init(data_iter)
-  first_step = int(state.step)
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0)
-  last_eval = {}
-  try:
-    if first_step == 0:
-      writer.write_hparams(config_lib.flatten(config))
-      last_eval = distiller.evaluate(state, writer, 0)
-    last_eval = _loop(config, distiller, state, data_iter, writer,
-                      first_step, stop_at_step or config.distill.total_steps,
-                      last_eval)
-  finally:
-    distiller.checkpointer.close()
-    writer.flush()
-  return last_eval
-
-
-def _loop(config, distiller, state, data_iter, writer, first_step, last_step,
-          last_eval) -> dict:
-  total = config.distill.total_steps
-  report = periodic_actions.ReportProgress(num_train_steps=total,
-                                           writer=writer)
-  pending, t0 = [], time.time()
-  for step in range(first_step + 1, last_step + 1):
-    batch = input_pipeline.make_global_batch(next(data_iter),
-                                             distiller.batch_sharding)
-    with sharding.context(distiller.mesh, config):
-      state, metrics = distiller.step_fn(state, distiller.teacher_params,
-                                         batch)
-    pending.append(metrics)
-    report(step)
-    if step % config.log_every == 0 or step == last_step:
-      means = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
-               for k in pending[0]}
-      if not all(math.isfinite(v) for v in means.values()):
-        raise FloatingPointError(f"Non-finite distillation metrics by step "
-                                 f"{step}: {means}. Lower config.distill.lr.")
-      means["steps_per_sec"] = len(pending) / (time.time() - t0)
-      means["images_per_sec"] = means["steps_per_sec"] * config.batch_size
-      writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
-      pending, t0 = [], time.time()
-    if step % config.eval_every == 0 or step == total:
-      last_eval = distiller.evaluate(state, writer, step)
-    if distiller.checkpointer.should_save(step, last_step):
-      distiller.checkpointer.save(step, state, data_iter)
-      if distiller.checkpointer.reached_preemption(step):
-        logging.warning("Preemption signalled: saved step %d, exiting.", step)
-        break
-  return last_eval
+  return loop.run(config, workdir, distiller.task(),
+                  stop_at_step=stop_at_step)

@@ -16,6 +16,9 @@ Restores the latest checkpoint's EMA parameters (or `--step`) and reports:
   the Fréchet distance of their classifier features to the split's real
   images, at `config.sample.cfg_scale` (or `--cfg_scale`); the real
   train-vs-split distance is given as the floor;
+* how many guided latent dimensions fell back to `p_c` ('rejection' with
+  no accepted try, 'closed_form' on an improper target):
+  `samples.guidance_fallbacks` and `guidance_fallback_fraction`;
 * with `--sweep`, the same at every `w` of `config.sample.cfg_sweep`: a
   CSV table and a plot (accuracy and Fréchet distance vs `w`).
 Writes `<workdir>/eval/<step>.json` (and `cfg_sweep_<step>.csv/.png`).
@@ -47,12 +50,12 @@ from matplotlib import figure
 import numpy as np
 
 from farmer_jax import classifier
-from farmer_jax import evaluation
+from farmer_jax import config_lib
 from farmer_jax import inception
 from farmer_jax import inference
 from farmer_jax import input_pipeline
+from farmer_jax import metrics
 from farmer_jax import sharding
-from farmer_jax import train
 
 FLAGS = flags.FLAGS
 
@@ -61,6 +64,7 @@ def define_flags() -> None:
   """The flags of this CLI (defined only when run as a program)."""
   flags.DEFINE_string("workdir", None, "The training run's --workdir.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+  inference.define_mesh_flag()  # --mesh=-1,1,1 ...
   flags.DEFINE_string("split", None, "Split (default: config.data."
                       "eval_split).")
   flags.DEFINE_integer("num_samples", None, "Samples for sample quality "
@@ -84,11 +88,11 @@ def define_flags() -> None:
 
 def exact_bpd(run, split: str, seed: int) -> dict:
   """Exact bits/dim of the whole `split` (uniform dequantisation)."""
-  eval_fn = jax.jit(functools.partial(evaluation.eval_terms, run.model,
-                                      num_dims=train.num_dims(run.config)))
-  batches = evaluation.eval_batches(run.config, split, run.batch_sharding, -1)
+  eval_fn = jax.jit(functools.partial(metrics.eval_terms, run.model,
+                                      num_dims=config_lib.num_dims(run.config)))
+  batches = metrics.eval_batches(run.config, split, run.batch_sharding, -1)
   with sharding.context(run.mesh, run.config):
-    return evaluation.evaluate_bpd(eval_fn, run.variables["params"], batches,
+    return metrics.evaluate_bpd(eval_fn, run.variables["params"], batches,
                                    jax.random.PRNGKey(seed))
 
 
@@ -105,13 +109,13 @@ def bayes_accuracy(run, split: str, seed: int, num_images: int) -> dict:
     return dict(bayes="skipped: bayes_images = 0 (config.eval_bayes_images "
                 "/ --bayes_images)")
   log_probs_fn = jax.jit(functools.partial(
-      evaluation.class_log_probs, run.model,
+      metrics.class_log_probs, run.model,
       num_classes=run.config.model.num_classes))
   num_batches = -(-num_images // run.config.eval_batch_size)
-  batches = evaluation.eval_batches(run.config, split, run.batch_sharding,
+  batches = metrics.eval_batches(run.config, split, run.batch_sharding,
                                     num_batches)
   with sharding.context(run.mesh, run.config):
-    return evaluation.bayes_accuracy(log_probs_fn, run.variables["params"],
+    return metrics.bayes_accuracy(log_probs_fn, run.variables["params"],
                                      batches, jax.random.PRNGKey(seed),
                                      num_images)
 
@@ -123,7 +127,7 @@ def sample_quality_at(run, clf, real_features, cfg_scales, num_samples: int,
   """Sample-quality metrics of `num_samples` samples at each `w`.
 
   `clf` + `real_features` give class accuracy and the classifier Fréchet
-  distance (`evaluation.sample_quality`); `inception_eval` +
+  distance (`metrics.sample_quality`); `inception_eval` +
   `inception_ref` (mu, sigma) give FID and, with logits, IS. Either may be
   None. `overrides` are sampling options (e.g. `logit_temp`) that replace
   the run's `config.sample` ones.
@@ -131,13 +135,14 @@ def sample_quality_at(run, clf, real_features, cfg_scales, num_samples: int,
   labels = np.arange(num_samples) % max(run.config.model.num_classes, 1)
   rows = []
   for w in cfg_scales:
+    stats = {}
     images = inference.generate(run, labels, seed, batch_size=batch_size,
                                 denoise=run.config.sample.denoise,
-                                decoder=decoder, progress=True,
+                                decoder=decoder, progress=True, stats=stats,
                                 cfg_scale=float(w), **overrides)
-    row = dict(cfg_scale=float(w), num_samples=int(len(images)))
+    row = dict(cfg_scale=float(w), num_samples=int(len(images)), **stats)
     if clf is not None:
-      row.update(evaluation.sample_quality(images, labels, clf,
+      row.update(metrics.sample_quality(images, labels, clf,
                                            real_features))
     if inception_eval is not None:
       row.update(inception_eval.metrics(images, *inception_ref))
@@ -179,13 +184,13 @@ def inception_reference(run, split: str, ev, num_real: int):
 
 def write_sweep(rows: list, path_prefix: str) -> None:
   """`rows` as CSV and as a plot: one panel per metric vs w."""
-  metrics = [k for k in ("accuracy", "frechet", "fid", "inception_score")
-             if k in rows[0]]
+  names = [k for k in ("accuracy", "frechet", "fid", "inception_score")
+           if k in rows[0]]
   with open(path_prefix + ".csv", "w") as f:
-    f.write(",".join(["cfg_scale"] + metrics + ["num_samples"]) + "\n")
+    f.write(",".join(["cfg_scale"] + names + ["num_samples"]) + "\n")
     for r in rows:
       f.write(",".join([str(r["cfg_scale"])]
-                       + [f"{r[k]:.4f}" for k in metrics]
+                       + [f"{r[k]:.4f}" for k in names]
                        + [str(r["num_samples"])]) + "\n")
   ws = [r["cfg_scale"] for r in rows]
   labels = dict(accuracy="sample class accuracy",
@@ -193,9 +198,9 @@ def write_sweep(rows: list, path_prefix: str) -> None:
                 fid="FID (Inception-v3)", inception_score="Inception Score")
   # The Figure API needs no pyplot backend (headless, and leaves notebooks'
   # inline backend alone).
-  fig = figure.Figure(figsize=(4 * len(metrics), 3))
-  axes = np.atleast_1d(fig.subplots(1, len(metrics)))
-  for ax, k in zip(axes, metrics):
+  fig = figure.Figure(figsize=(4 * len(names), 3))
+  axes = np.atleast_1d(fig.subplots(1, len(names)))
+  for ax, k in zip(axes, names):
     ax.plot(ws, [r[k] for r in rows], "o-")
     ax.set(xlabel="cfg scale w", ylabel=labels[k])
   fig.tight_layout()
@@ -210,7 +215,7 @@ def _suffix(name: str, value) -> str:
 def evaluate(workdir: str, *, step=None, split=None, num_samples=None,
              cfg_scale=None, sweep: bool = False, batch_size: int = 250,
              seed: int = 0, student_workdir=None,
-             inception_weights=None, bayes_images=None,
+             inception_weights=None, bayes_images=None, mesh=None,
              **sampling_overrides) -> dict:
   """Everything the CLI reports, as a dict (also written as JSON).
 
@@ -219,12 +224,15 @@ def evaluate(workdir: str, *, step=None, split=None, num_samples=None,
   and the JSON goes to `eval/<step>_student.json`. `inception_weights`
   overrides `config.inception.weights` ('' skips FID / IS); `bayes_images`
   overrides `config.eval_bayes_images` (0 skips the Bayes-rule accuracy).
+  `mesh` (`(data, fsdp, tensor)` or '-1,1,1') replaces the run's mesh.
   `sampling_overrides` (`sampling.SamplingOptions` fields, e.g.
   `logit_temp=0.5`; None = unset) replace `config.sample`'s options; the
   JSON records every option used (`sampling`) and goes to a file named
   after the overrides, e.g. `eval/<step>_logit_temp0.5.json`.
   """
-  run = inference.restore(workdir, step)
+  if isinstance(mesh, str):
+    mesh = inference.parse_mesh(mesh)
+  run = inference.restore(workdir, step, mesh_shape=mesh)
   config = run.config
   overrides = {k: v for k, v in sampling_overrides.items() if v is not None}
   # Bad sampling options fail here, before anything is computed.
@@ -238,8 +246,7 @@ def evaluate(workdir: str, *, step=None, split=None, num_samples=None,
         if inception_weights else None)
   decoder = None
   if student_workdir:
-    from farmer_jax import distill  # pylint: disable=g-import-not-at-top
-    decoder = distill.load_decoder(student_workdir, run)
+    decoder = inference.load_decoder(student_workdir, run)
   split = split or config.data.eval_split
   result = dict(step=run.step, split=split,
                 decoder="student" if decoder else "exact",
@@ -313,7 +320,7 @@ def main(argv) -> None:
                     batch_size=FLAGS.batch_size, seed=FLAGS.seed,
                     student_workdir=FLAGS.student_workdir,
                     inception_weights=FLAGS.inception_weights,
-                    bayes_images=FLAGS.bayes_images,
+                    bayes_images=FLAGS.bayes_images, mesh=FLAGS.mesh,
                     **inference.sampling_flags())
   print(json.dumps(result))
 

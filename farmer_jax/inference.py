@@ -1,10 +1,13 @@
 """A trained run, restored for sampling, evaluation and scoring.
 
 `train_and_evaluate` writes `<workdir>/config.json` next to its checkpoints;
-`restore(workdir)` reads it back, builds the same mesh and model, restores
-the latest (or a chosen) checkpoint onto its shardings and hands back the
-EMA parameters. The CLIs (`farmer_jax.sample`, `.evaluate`, `.score`) and
-the notebook start here.
+`restore(workdir)` reads it back, builds the model and a mesh (the caller's,
+the run's own `mesh_shape`, or `--mesh`), and reads only the EMA parameters
+of the latest (or a chosen) checkpoint onto their shardings: an Orbax
+partial restore that never builds an optimizer (`checkpointing.
+restore_params`). No training module is imported here. The CLIs
+(`farmer_jax.sample`, `.evaluate`, `.score`, `.diagnose`), the distillation
+teacher and the notebook start here.
 
 `generate` is the sharded, jitted sampler of a run: labels are padded to a
 multiple of the batch shards, split over the mesh's batch axes, and the
@@ -14,9 +17,7 @@ samples come back as uint8 on the host. Its options are every
 """
 import dataclasses
 import functools
-import json
 import numbers
-import os
 import sys
 import time
 from typing import Any, Optional, Sequence
@@ -24,52 +25,28 @@ from typing import Any, Optional, Sequence
 from absl import flags
 from absl import logging
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from farmer_jax import checkpointing
 from farmer_jax import config_lib
-from farmer_jax import evaluation
+from farmer_jax import metrics
+from farmer_jax import nll
 from farmer_jax import sampling
 from farmer_jax import sharding
 from farmer_jax.models import Farmer
+from farmer_jax.models import unpatchify
+from farmer_jax.models.student import StudentDecoder
 
-CONFIG_FILE = "config.json"
-
-
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes the run's config as JSON (process 0 only)."""
-  if jax.process_index() != 0:
-    return
-  os.makedirs(workdir, exist_ok=True)
-  tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(tmp, os.path.join(workdir, CONFIG_FILE))  # never half-written
+# config.json of a run (kept here too: the notebook and scripts use these).
+CONFIG_FILE = checkpointing.CONFIG_FILE
+load_config = checkpointing.load_config
+save_config = checkpointing.save_config
 
 
-def _tuples(value):
-  """JSON lists back to the tuples configs use (configs hold no lists)."""
-  if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
-  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run in `workdir` was trained with."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f"{path} does not exist: {workdir} holds no training run (it is "
-        "written when `python -m farmer_jax.main` starts). Pass the run's "
-        "--workdir, or --config=configs/<name>.py for a run made before "
-        "config.json existed.")
-  with open(path) as f:
-    raw = json.load(f)
-  for section, defaults in config_lib.ADDED_KEYS.items():
-    node = raw.setdefault(section, {}) if section else raw
-    for key, value in defaults.items():
-      node.setdefault(key, value(node) if callable(value) else value)
-  return ml_collections.ConfigDict(_tuples(raw))
+class MeshMismatchError(config_lib.ConfigError):
+  """The run's mesh does not fit the devices here; `--mesh` overrides it."""
 
 
 @dataclasses.dataclass
@@ -95,49 +72,181 @@ class Run:
     return int(np.prod([self.mesh.shape[a] for a in axes]))
 
 
-def fit_mesh(config, num_devices: int) -> ml_collections.ConfigDict:
-  """`config`, with a data-parallel mesh if its own does not fit here.
-
-  A run trained on a pod slice is evaluated on a laptop or in Colab: the
-  checkpoint restores onto any mesh (Orbax reshards), so only the mesh shape
-  has to change.
-  """
+def parse_mesh(text: Optional[str]) -> Optional[tuple]:
+  """`'-1,1,1'` (a `--mesh` flag) -> `(-1, 1, 1)`; None or '' -> None."""
+  if not text:
+    return None
   try:
-    config_lib.resolve_mesh_shape(config.mesh_shape, num_devices)
-    return config
-  except config_lib.ConfigError:
-    logging.warning("mesh_shape %s does not fit %d device(s); using a "
-                    "data-parallel mesh (-1, 1, 1) instead.",
-                    tuple(config.mesh_shape), num_devices)
+    return tuple(int(v) for v in str(text).split(","))
+  except ValueError as e:
+    raise MeshMismatchError(
+        f"--mesh={text}: give three comma-separated sizes (data, fsdp, "
+        "tensor), one of them may be -1, e.g. --mesh=-1,1,1.") from e
+
+
+def create_mesh(config, workdir: str = "",
+                mesh_shape: Optional[Sequence[int]] = None):
+  """`(config, mesh)`: the run's mesh, or `mesh_shape` (`--mesh`) instead.
+
+  Orbax reshards a checkpoint onto any mesh, so a run trained on a pod
+  slice restores on one host once the mesh shape says how; this never
+  picks one silently (a run trained with FSDP restored replicated could
+  run out of memory far from the cause).
+
+  Raises:
+    MeshMismatchError: the mesh does not fit the devices here; the message
+      names the mesh and the `--mesh` override.
+  """
+  if mesh_shape is not None:
     config = ml_collections.ConfigDict(config.to_dict())
-    config.mesh_shape = (-1, 1, 1)
-    return config
+    config.mesh_shape = tuple(int(v) for v in mesh_shape)
+  n = jax.device_count()
+  try:
+    config_lib.resolve_mesh_shape(config.mesh_shape, n)
+  except config_lib.ConfigError as e:
+    source = ("--mesh" if mesh_shape is not None else
+              f"the run's config.mesh_shape ({workdir or 'config'})")
+    raise MeshMismatchError(
+        f"mesh_shape {tuple(config.mesh_shape)} (data, fsdp, tensor) from "
+        f"{source} does not fit the {n} device(s) here: {e} Pass --mesh="
+        f"-1,1,1 (data parallel, parameters replicated) or e.g. "
+        f"--mesh=1,{n},1 (FSDP) to the CLI, or mesh_shape= to "
+        "inference.restore.") from e
+  return config, sharding.create_mesh(config)
+
+
+def abstract_params(model: Farmer, config, mesh):
+  """The model's params as ShapeDtypeStructs with shardings (restore target).
+
+  Structure-agnostic: whatever tree `model.init` makes is the target.
+  """
+  s, c = config.model.image_size, config.model.channels
+
+  def init():
+    rng = jax.random.PRNGKey(0)
+    return model.init({"params": rng, "dropout": rng},
+                      jnp.zeros((1, s, s, c), jnp.float32),
+                      jnp.zeros((1,), jnp.int32))["params"]
+
+  abstract, _ = sharding.abstract_and_shardings(init, mesh, config)
+  return abstract
 
 
 def restore(workdir: str, step: Optional[int] = None,
-            config: Optional[ml_collections.ConfigDict] = None) -> Run:
-  """Restores the EMA parameters of the run in `workdir`.
+            config: Optional[ml_collections.ConfigDict] = None, *,
+            mesh: Optional[jax.sharding.Mesh] = None,
+            mesh_shape: Optional[Sequence[int]] = None) -> Run:
+  """Restores the EMA parameters (only) of the run in `workdir`.
 
   Args:
     workdir: the training run's --workdir.
     step: checkpoint step; None = the latest.
-    config: overrides `<workdir>/config.json` (e.g. another mesh_shape).
+    config: overrides `<workdir>/config.json` (its `model` section must be
+      the checkpoint's: checked).
+    mesh: restore onto this mesh (e.g. a distillation run's); else one is
+      built from `mesh_shape` or the config's `mesh_shape`.
+    mesh_shape: `(data, fsdp, tensor)` replacing the run's (`--mesh`).
 
   Returns:
     A `Run`.
+
+  Raises:
+    MeshMismatchError: the mesh does not fit the devices here.
   """
-  from farmer_jax import train  # pylint: disable=g-import-not-at-top
   config = load_config(workdir) if config is None else config
-  config = fit_mesh(config, jax.device_count())
-  trainer = train.Trainer(config, workdir)
+  if mesh is None:
+    config, mesh = create_mesh(config, workdir, mesh_shape)
+  model = Farmer(config.model)
+  target = abstract_params(model, config, mesh)
+  ckpt = checkpointing.Checkpointer(workdir, config, read_only=True)
   try:
-    state = trainer.checkpointer.restore_state(step, trainer.abstract_state)
+    params, step = ckpt.restore_params(step, target)
   finally:
-    trainer.checkpointer.close()
-  logging.info("Restored %s at step %d (EMA parameters).", workdir,
-               int(state.step))
-  return Run(config, trainer.model, {"params": state.ema_params},
-             int(state.step), trainer.mesh, workdir)
+    ckpt.close()
+  logging.info("Restored %s at step %d (EMA parameters only).", workdir, step)
+  return Run(config, model, {"params": params}, int(step), mesh, workdir)
+
+
+# --- The distilled one-step student (spec 8; trained by farmer_jax.distill).
+
+
+def create_student(model_config) -> StudentDecoder:
+  """The student for `config.model` (the teacher's model config)."""
+  cfg = ml_collections.FrozenConfigDict(model_config)
+  return StudentDecoder(cfg, (cfg.image_size // cfg.patch_size) ** 2,
+                        cfg.patch_size ** 2 * cfg.channels)
+
+
+def student_decode(student: StudentDecoder, student_params, z, labels):
+  """One-step decoder: latents -> images, like `Farmer.decode`.
+
+  Args:
+    student: from `create_student` / `load_student`.
+    student_params: the student's params (no `{'params': ...}` wrapper).
+    z: `[B, N, d]` latents in the AR prior's token order.
+    labels: `[B]` int (used only if `af_class_cond`).
+
+  Returns:
+    `[B, H, W, C]` float32 images in `[-1, 1]` units, not clipped.
+  """
+  tokens = student.apply({"params": student_params}, z, labels)
+  s = student.cfg.image_size
+  return unpatchify(tokens, student.cfg.patch_size, s, s)
+
+
+def student_init(student: StudentDecoder, rng):
+  """The student's boxed params (`nn.LogicallyPartitioned`), traced only."""
+  z = jnp.zeros((1, student.num_tokens, student.token_dim))
+  return student.init({"params": rng}, z, jnp.zeros((1,), jnp.int32))[
+      "params"]
+
+
+def load_student(config, workdir: str, step: Optional[int] = None,
+                 mesh=None):
+  """The trained student of `workdir` (its EMA params), for sampling.
+
+  Args:
+    config: a config with the teacher's `model` section (the distillation
+      config, or the teacher's own).
+    workdir: the student's workdir (`--workdir` of the distillation run).
+    step: checkpoint step; the latest if None.
+    mesh: restore onto this mesh; default: one from `config.mesh_shape`.
+
+  Returns:
+    `(student, params)` for `student_decode(student, params, z, labels)`.
+  """
+  student = create_student(config.model)
+  if mesh is None:
+    config, mesh = create_mesh(config, workdir)
+  target, _ = sharding.abstract_and_shardings(
+      lambda: student_init(student, jax.random.PRNGKey(0)), mesh, config)
+  ckpt = checkpointing.Checkpointer(workdir, config, read_only=True)
+  try:
+    params, _ = ckpt.restore_params(step, target, key=(
+        "ema_params" if ckpt.has_field(step, "ema_params") else "params"))
+  finally:
+    ckpt.close()
+  return student, params
+
+
+def load_decoder(workdir: str, run):
+  """The student as `farmer_jax.sample --decoder=student` uses it.
+
+  Args:
+    workdir: the student's workdir.
+    run: anything with the teacher's `config` (e.g. `inference.Run`; its
+      `mesh`, if any, is used).
+
+  Returns:
+    `(decode_fn, params)`, `decode_fn(params, z, labels) -> x` as
+    `student_decode`.
+  """
+  student, params = load_student(run.config, workdir,
+                                 mesh=getattr(run, "mesh", None))
+  return functools.partial(student_decode, student), params
+
+
+# --- Sampling options and the sharded sampler.
 
 
 def _as_field_type(field: dataclasses.Field, value):
@@ -179,6 +288,15 @@ def sampling_kwargs(sample_config, **overrides) -> dict:
   return kw
 
 
+def define_mesh_flag() -> None:
+  """`--mesh=data,fsdp,tensor`: restore onto this mesh (`restore`)."""
+  flags.DEFINE_string(
+      "mesh", None, "Mesh shape data,fsdp,tensor to restore onto (one may be "
+      "-1), e.g. -1,1,1 (data parallel) or 1,-1,1 (FSDP). Default: the run's "
+      "config.mesh_shape, which must fit the devices here.",
+      module_name=sys.argv[0])
+
+
 def define_sampling_flags() -> None:
   """One CLI flag per `SamplingOptions` field; None: `config.sample`'s.
 
@@ -214,16 +332,18 @@ def _sampler(model, batch_sharding, denoise_sigma, decode_fn, kw):
                          **dict(kw))
 
   def sample(params, decoder_variables, rng, labels):
-    return sampling.to_uint8(fn(params, rng, labels,
-                                decoder_variables=decoder_variables))
+    images, fallbacks = fn(params, rng, labels, return_fallbacks=True,
+                           decoder_variables=decoder_variables)
+    return nll.to_uint8(images), fallbacks
 
   return jax.jit(sample, in_shardings=(None, None, None, batch_sharding),
-                 out_shardings=batch_sharding)
+                 out_shardings=(batch_sharding, batch_sharding))
 
 
 def generate(run: Run, labels: Sequence[int], seed: int, *,
              batch_size: int = 0, decoder=None, denoise: bool = False,
-             progress: bool = False, **kwargs) -> np.ndarray:
+             progress: bool = False, stats: Optional[dict] = None,
+             **kwargs) -> np.ndarray:
   """Class-conditional samples as uint8 `[len(labels), H, W, C]`.
 
   Args:
@@ -238,6 +358,10 @@ def generate(run: Run, labels: Sequence[int], seed: int, *,
       hashable (e.g. the distilled student's decode, farmer_jax.distill).
     denoise: one Tweedie step with sigma = config.noise_min (spec 6.3).
     progress: log each batch with images/s.
+    stats: if a dict, `guidance_fallbacks` (guided draws, one per latent
+      dimension, that fell back to `p_c`: 'rejection' with no accepted try,
+      'closed_form' on an improper target) and `guidance_fallback_fraction`
+      (of all `len(labels) * N * d` latent dimensions) are added to it.
     **kwargs: overrides of `config.sample` (cfg_scale, guidance, ...).
   """
   labels = np.asarray(labels, np.int32)
@@ -249,22 +373,32 @@ def generate(run: Run, labels: Sequence[int], seed: int, *,
   fn = _sampler(run.model, run.batch_sharding, sigma, decode_fn,
                 tuple(sorted(kw.items())))
   rng = jax.random.PRNGKey(seed)
-  out = []
+  out, fallbacks = [], 0
   for i, start in enumerate(range(0, len(labels), per_call)):
     t0 = time.time()
     chunk = labels[start:start + per_call]
     padded = np.resize(chunk, per_call) if len(chunk) < per_call else chunk
     with sharding.context(run.mesh, run.config):
-      images = fn(run.variables, decoder_variables,
+      images, counts = fn(run.variables, decoder_variables,
                   jax.random.fold_in(rng, i),
                   # Every host holds all labels and supplies its shards
                   # (also right when the mesh spans several hosts).
                   jax.make_array_from_callback(
                       padded.shape, run.batch_sharding,
                       lambda index, a=padded: a[index]))
-    out.append(evaluation.to_host(images)[:len(chunk)])  # all hosts
+    images, counts = metrics.to_host((images, counts))  # all hosts
+    out.append(images[:len(chunk)])
+    fallbacks += int(counts[:len(chunk)].sum())
     if progress:
       done = start + len(chunk)
       logging.info("sampled %d / %d (%.2f images/s)", done, len(labels),
                    len(chunk) / (time.time() - t0))
+  if stats is not None:
+    dims = len(labels) * run.model.num_tokens * run.model.token_dim
+    stats.update(guidance_fallbacks=fallbacks,
+                 guidance_fallback_fraction=fallbacks / max(dims, 1))
+    if fallbacks:
+      logging.warning("%d of %d latent dimensions fell back to p_c (guidance "
+                      "%s had no sample of its target there).", fallbacks,
+                      dims, kw["guidance"])
   return np.concatenate(out)

@@ -13,7 +13,9 @@ another shape. `config.data.source` picks one of:
   'tfds'    `config.data.tfds_name` prepared in array_record format under
             `config.data.tfds_data_dir` (e.g. 'imagenet2012' with splits
             'train' / 'validation', or 'downsampled_imagenet/64x64', which has
-            no label and is emitted as label 0). Nothing is downloaded.
+            no label: emitted as label 0, for unconditional models
+            (`model.num_classes = 0`) only; a conditional model on a dataset
+            without labels is an error). Nothing is downloaded.
   'folder'  `config.data.folder` with one sub-folder per class (sorted names
             give labels 0..K-1) of png/jpg/jpeg/bmp/webp files. If it has
             'train' and 'test' sub-folders, those are the splits; otherwise a
@@ -171,8 +173,18 @@ def fit_image(image: np.ndarray, image_size: int, channels: int) -> np.ndarray:
 
 
 def _fit_example(example: dict[str, Any], image_size: int,
-                 channels: int) -> dict[str, np.ndarray]:
-  """Keeps 'image' (fitted) and 'label' (0 when absent: unconditional)."""
+                 channels: int, conditional: bool) -> dict[str, np.ndarray]:
+  """Keeps 'image' (fitted) and 'label' (0 when absent: unconditional).
+
+  Raises:
+    ValueError: a conditional model's example has no label (class 0 for
+      every such image would train a wrong model without a sign).
+  """
+  if conditional and "label" not in example:
+    raise ValueError(
+        "An example has no 'label' but config.model.num_classes > 0 (a "
+        "class-conditional model); use a labelled dataset or set "
+        "config.model.num_classes=0.")
   return {"image": fit_image(example["image"], image_size, channels),
           "label": np.int32(example.get("label", 0))}
 
@@ -248,6 +260,12 @@ def _tfds_source(config, split: str):
   features = builder.info.features
   if "label" in features:
     _check_num_classes(config, features["label"], name)
+  elif config.model.num_classes > 0:
+    raise ValueError(
+        f"config.data.tfds_name={name!r} has no 'label' feature but "
+        f"config.model.num_classes={config.model.num_classes}; set "
+        "config.model.num_classes=0 (unconditional) or use a labelled "
+        "dataset.")
   try:
     return builder.as_data_source(split=split)
   except NotImplementedError as e:  # prepared as tfrecord: no random access.
@@ -382,7 +400,8 @@ def get_source(config: ml_collections.ConfigDict,
   source = _SOURCES[config.data.source](config, split)
   return grain.MapDataset.source(source).map(functools.partial(
       _fit_example, image_size=config.model.image_size,
-      channels=config.model.channels))
+      channels=config.model.channels,
+      conditional=config.model.num_classes > 0))
 
 
 # -------------------------------------------------------------- iterators ---

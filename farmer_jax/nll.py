@@ -22,6 +22,12 @@ def to_model_range(x_uint8: jax.Array) -> jax.Array:
   return x_uint8.astype(jnp.float32) / 127.5 - 1.0
 
 
+def to_uint8(x: jax.Array) -> jax.Array:
+  """`[-1, 1]` -> uint8 `{0..255}`: the inverse of `to_model_range`, clipped
+  and rounded (images in, images out; gather with `metrics.to_host`)."""
+  return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
 def uniform_dequantize(rng: jax.Array, x_uint8: jax.Array) -> jax.Array:
   """`(x + u) / 127.5 - 1`, `u ~ U[-1/2, 1/2)`: the exact-likelihood input.
 

@@ -13,7 +13,8 @@ temperatures `--logit_temp`, `--scale_temp`, `--weigh_logit_temp`,
 left unset come from the run's `config.sample` (spec 6-7). `--labels`
 cycles over the samples (default: all classes in turn). Writes `OUT` (PNG
 grid) and `OUT` with `.npz` (arrays `images` uint8 `[B, H, W, C]`, `labels`
-`[B]`).
+`[B]`), and prints how many guided latent dimensions fell back to `p_c`
+('rejection' with no accepted try, 'closed_form' on an improper target).
 """
 import os
 
@@ -22,8 +23,8 @@ from absl import flags
 from absl import logging
 import numpy as np
 
-from farmer_jax import evaluation
 from farmer_jax import inference
+from farmer_jax import metrics
 
 FLAGS = flags.FLAGS
 
@@ -32,6 +33,7 @@ def define_flags() -> None:
   """The flags of this CLI (defined only when run as a program)."""
   flags.DEFINE_string("workdir", None, "The training run's --workdir.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+  inference.define_mesh_flag()  # --mesh=-1,1,1 ...
   flags.DEFINE_integer("num_samples", 64, "Number of images.")
   flags.DEFINE_list("labels", None, "Classes, cycled over the samples "
                     "(default: 0..num_classes-1 in turn).")
@@ -63,7 +65,8 @@ def sample_labels(labels, num_classes: int, num_samples: int):
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  run = inference.restore(FLAGS.workdir, FLAGS.step)
+  run = inference.restore(FLAGS.workdir, FLAGS.step,
+                          mesh_shape=inference.parse_mesh(FLAGS.mesh))
   labels = sample_labels(FLAGS.labels, run.config.model.num_classes,
                          FLAGS.num_samples)
   overrides = inference.sampling_flags()
@@ -71,23 +74,27 @@ def main(argv) -> None:
              else FLAGS.denoise)
   decoder = None
   if FLAGS.decoder == "student":
-    from farmer_jax import distill  # pylint: disable=g-import-not-at-top
     # (decode_fn, variables): decode_fn(variables, z, labels) -> x.
-    decoder = distill.load_decoder(
+    decoder = inference.load_decoder(
         FLAGS.student_workdir or os.path.join(FLAGS.workdir, "distill"), run)
+  stats = {}
   images = inference.generate(run, labels, FLAGS.seed,
                               batch_size=FLAGS.batch_size, decoder=decoder,
-                              denoise=denoise, progress=True, **overrides)
+                              denoise=denoise, progress=True, stats=stats,
+                              **overrides)
   w = overrides.get("cfg_scale", run.config.sample.cfg_scale)
   out = FLAGS.out or os.path.join(FLAGS.workdir, "samples",
                                   f"samples_{run.step}_w{w:g}.png")
   ncol = min(len(FLAGS.labels or range(max(run.config.model.num_classes, 1))),
              len(images))
-  evaluation.save_png(evaluation.make_grid(images, ncol=ncol), out)
+  metrics.save_png(metrics.make_grid(images, ncol=ncol), out)
   npz = os.path.splitext(out)[0] + ".npz"
   np.savez_compressed(npz, images=images, labels=labels)
   logging.info("Wrote %s and %s", out, npz)
   print(f"{out}\n{npz}")
+  print(f"guidance fallbacks: {stats['guidance_fallbacks']} latent "
+        f"dimension(s) ({stats['guidance_fallback_fraction']:.2%}) fell back "
+        "to p_c")
 
 
 if __name__ == "__main__":

@@ -69,6 +69,10 @@ under 'balance' only 0, candidates at component means, changes the limit);
 'rejection' / 'closed_form', the per-dimension guided Gaussian (0: its
 mean).
 
+The two component rules count their fallbacks (`draw_counted`; per image
+through `sample_images(..., return_fallbacks=True)`), so callers report how
+often the guided target was not sampled (`inference.generate`'s `stats`).
+
 Everything is jittable with the options bound statically (e.g. with
 `functools.partial`), deterministic given `rng`, and batch-parallel: no
 operation mixes batch elements, so it shards over the data axis when the
@@ -284,7 +288,8 @@ def _normal_logpdf(x, mean, scale):
 
 
 def rejection_cfg(rng: jax.Array, mix_c: gmm.Mixture, mix_u: gmm.Mixture,
-                  cfg_scale: float, num_tries: int) -> jax.Array:
+                  cfg_scale: float, num_tries: int,
+                  return_fallbacks: bool = False):
   """GIVT/JetFormer per-dimension rejection CFG (module docstring).
 
   Args:
@@ -293,9 +298,11 @@ def rejection_cfg(rng: jax.Array, mix_c: gmm.Mixture, mix_u: gmm.Mixture,
     mix_u: unconditional mixture, same shapes.
     cfg_scale: `w`.
     num_tries: proposals per dimension.
+    return_fallbacks: also return how many dimensions accepted no try and
+      fell back to `p_c`, `[...]` int32.
 
   Returns:
-    `[..., d]`.
+    `[..., d]`, or `(z, fallbacks)`.
   """
   rng_k, rng_x, rng_a, rng_fb = jax.random.split(rng, 4)
   m_c, s_c, m_u, s_u = _paired_component(rng_k, mix_c, mix_u)
@@ -320,15 +327,22 @@ def rejection_cfg(rng: jax.Array, mix_c: gmm.Mixture, mix_u: gmm.Mixture,
   first = jnp.argmax(accept, axis=0)  # index of the first accepted try
   z = jnp.take_along_axis(x, first[None], axis=0)[0]
   fallback = m_c + s_c * jax.random.normal(rng_fb, m_c.shape)
-  return jnp.where(jnp.any(accept, axis=0), z, fallback)
+  accepted = jnp.any(accept, axis=0)
+  z = jnp.where(accepted, z, fallback)
+  if return_fallbacks:
+    return z, jnp.sum(~accepted, axis=-1, dtype=jnp.int32)
+  return z
 
 
 def closed_form_cfg(rng: jax.Array, mix_c: gmm.Mixture, mix_u: gmm.Mixture,
-                    cfg_scale: float, noise_scale: float = 1.0) -> jax.Array:
+                    cfg_scale: float, noise_scale: float = 1.0,
+                    return_fallbacks: bool = False):
   """Exact per-dimension CFG Gaussian on the paired component, `[..., d]`.
 
   `noise_scale` multiplies the Gaussian's std: the same as multiplying both
   mixtures' scales by it (the mean is unchanged), and 0 gives the mean.
+  Where the target is improper (precision <= 0) the dimension falls back to
+  `p_c`; `return_fallbacks` also returns how many did, `[...]` int32.
   """
   rng_k, rng_n = jax.random.split(rng)
   m_c, s_c, m_u, s_u = _paired_component(rng_k, mix_c, mix_u)
@@ -339,10 +353,13 @@ def closed_form_cfg(rng: jax.Array, mix_c: gmm.Mixture, mix_u: gmm.Mixture,
   mean = jnp.where(proper, ((1 + w) * m_c / s_c ** 2 - w * m_u / s_u ** 2)
                    / safe, m_c)
   scale = jnp.where(proper, jax.lax.rsqrt(safe), s_c)
-  return mean + noise_scale * scale * jax.random.normal(rng_n, m_c.shape)
+  z = mean + noise_scale * scale * jax.random.normal(rng_n, m_c.shape)
+  if return_fallbacks:
+    return z, jnp.sum(~proper, axis=-1, dtype=jnp.int32)
+  return z
 
 
-def draw(rng: jax.Array, mix_c: gmm.Mixture, mix_u: Optional[gmm.Mixture],
+def draw_counted(rng: jax.Array, mix_c: gmm.Mixture, mix_u: Optional[gmm.Mixture],
          opts: SamplingOptions, redundant: bool = False) -> jax.Array:
   """One token per leading index of the mixtures under `opts`.
 
@@ -356,11 +373,15 @@ def draw(rng: jax.Array, mix_c: gmm.Mixture, mix_u: Optional[gmm.Mixture],
       `r_num_uncond_candidates` and `r_var_scale` apply.
 
   Returns:
-    `[..., d]`.
+    `(z [..., d], fallbacks [...])`: fallbacks counts the dimensions where
+    'rejection' accepted no try or 'closed_form' met an improper target,
+    and fell back to `p_c` (0 for the other rules).
   """
   spread = math.sqrt(opts.r_var_scale) if redundant else 1.0
+  none = jnp.zeros(mix_c.logits.shape[:-1], jnp.int32)
   if mix_u is None or not opts.guided:
-    return gmm.sample(rng, mix_c, opts.logit_temp, opts.scale_temp * spread)
+    return gmm.sample(rng, mix_c, opts.logit_temp,
+                      opts.scale_temp * spread), none
   w = opts.cfg_scale
   if opts.guidance == "resample":
     num_c, num_u = ((opts.r_num_candidates, opts.r_num_uncond_candidates)
@@ -375,17 +396,24 @@ def draw(rng: jax.Array, mix_c: gmm.Mixture, mix_u: Optional[gmm.Mixture],
     return resample_cfg(rng, propose(mix_c), propose(mix_u), w, num_c, num_u,
                         weigh_c=weigh(mix_c), weigh_u=weigh(mix_u),
                         proposal=opts.proposal,
-                        resample_temp=opts.resample_temp)
+                        resample_temp=opts.resample_temp), none
   if spread == 0:  # the guided Gaussian's mean, both rules' limit.
     mix_c, mix_u = (temper(m, opts.logit_temp, opts.scale_temp)
                     for m in (mix_c, mix_u))
-    return closed_form_cfg(rng, mix_c, mix_u, w, noise_scale=0.0)
+    return closed_form_cfg(rng, mix_c, mix_u, w, noise_scale=0.0,
+                           return_fallbacks=True)
   mix_c, mix_u = (temper(m, opts.logit_temp, opts.scale_temp * spread)
                   for m in (mix_c, mix_u))
   if opts.guidance == "rejection":
     tries = opts.r_num_candidates if redundant else opts.num_candidates
-    return rejection_cfg(rng, mix_c, mix_u, w, tries)
-  return closed_form_cfg(rng, mix_c, mix_u, w)
+    return rejection_cfg(rng, mix_c, mix_u, w, tries, return_fallbacks=True)
+  return closed_form_cfg(rng, mix_c, mix_u, w, return_fallbacks=True)
+
+
+def draw(rng: jax.Array, mix_c: gmm.Mixture, mix_u: Optional[gmm.Mixture],
+         opts: SamplingOptions, redundant: bool = False) -> jax.Array:
+  """`draw_counted` without the fallback count: `[..., d]`."""
+  return draw_counted(rng, mix_c, mix_u, opts, redundant)[0]
 
 
 # --- KV-cached AR decoding --------------------------------------------------
@@ -414,7 +442,10 @@ def _prefill(model, params, stream_labels, caches):
 
 def _decode_informative(model, params, rng, mix, caches, opts,
                         keep_mixtures: bool):
-  """The scan over `z_1^I ... z_N^I`; returns `(z_I [B,N,d_I], mixes, caches)`.
+  """The scan over `z_1^I ... z_N^I`.
+
+  Returns `(z_I [B,N,d_I], mixes, caches, fallbacks [B])`; fallbacks: the
+  guided draws that fell back to `p_c` (`draw_counted`), summed over tokens.
 
   `mixes` (if kept) are the mixtures each token was drawn from, `[S, B, N,
   ...]`.
@@ -426,19 +457,22 @@ def _decode_informative(model, params, rng, mix, caches, opts,
   def body(carry, xs):
     mix, caches = carry
     key, pos = xs
-    z_i = draw(key, *_split_streams(mix), opts)  # [B, d_I]
+    z_i, fallbacks = draw_counted(key, *_split_streams(mix), opts)  # [B, d_I]
     next_mix, caches = token_fn(z_i, caches, pos)
-    return (next_mix, caches), (z_i, mix if keep_mixtures else None)
+    return (next_mix, caches), (z_i, fallbacks,
+                                mix if keep_mixtures else None)
 
-  (_, caches), (z_nbd, mixes) = jax.lax.scan(
+  (_, caches), (z_nbd, fallbacks_nb, mixes) = jax.lax.scan(
       body, (mix, caches), (jax.random.split(rng, n), positions))
   if keep_mixtures:
     mixes = jax.tree.map(lambda a: jnp.moveaxis(a, 0, 2), mixes)
-  return jnp.swapaxes(z_nbd, 0, 1), mixes, caches
+  return (jnp.swapaxes(z_nbd, 0, 1), mixes, caches,
+          jnp.sum(fallbacks_nb, axis=0))
 
 
 def _decode_redundant(model, params, rng, z_i, caches, opts):
-  """Extra token -> `GMM_R`; draws every `z_i^R`: `([B,N,d_R], mix)`.
+  """Extra token -> `GMM_R`; draws every `z_i^R`: `([B,N,d_R], mix, fallbacks
+  [B])`.
 
   `mix` has leading axes `[S, B]` (the paper's shared mixture) or `[S, B,
   N]` (`redundant_prior='token'`: one mixture per token, given `z_i^I`).
@@ -457,12 +491,13 @@ def _decode_redundant(model, params, rng, z_i, caches, opts):
     key, i = xs
     # One token at a time (lax.map): guided candidates for all N tokens at
     # once would need N x the memory of one step.
-    return draw(key, token_mixture(mix_c, i), token_mixture(mix_u, i), opts,
-                redundant=True)
+    return draw_counted(key, token_mixture(mix_c, i), token_mixture(mix_u, i),
+                        opts, redundant=True)
 
   n = model.num_tokens
-  z_nbd = jax.lax.map(draw_token, (jax.random.split(rng, n), jnp.arange(n)))
-  return jnp.swapaxes(z_nbd, 0, 1), mix_r
+  z_nbd, fallbacks_nb = jax.lax.map(
+      draw_token, (jax.random.split(rng, n), jnp.arange(n)))
+  return jnp.swapaxes(z_nbd, 0, 1), mix_r, jnp.sum(fallbacks_nb, axis=0)
 
 
 def _stream_labels(model, labels, opts):
@@ -479,7 +514,9 @@ def decode_latents(model: Farmer, params: Any, rng: jax.Array,
   """AR-decodes latents with the FARMER prior; see `sample_latents`.
 
   Returns:
-    `(z [B, N, d], mixtures)`; `mixtures` is a dict with `mix_I` (leading
+    `(z [B, N, d], mixtures, fallbacks [B])`; fallbacks counts each
+    image's guided draws (dimensions) that fell back to `p_c`
+    (`draw_counted`); `mixtures` is a dict with `mix_I` (leading
     axes `[S, B, N]`: the mixture each `z_i^I` was drawn from, stream 0
     conditional, stream 1 unconditional when guided) and `mix_R` (`[S, B]`,
     or `[S, B, N]` with `redundant_prior='token'`),
@@ -491,19 +528,21 @@ def decode_latents(model: Farmer, params: Any, rng: jax.Array,
   caches = jax.tree.map(lambda a: jnp.broadcast_to(a, (s,) + a.shape), cache)
   rng_i, rng_r = jax.random.split(rng)
   mix, caches = _prefill(model, params, stream_labels, caches)
-  z, mix_i, caches = _decode_informative(model, params, rng_i, mix, caches,
-                                         opts, keep_mixtures)
+  z, mix_i, caches, fallbacks = _decode_informative(
+      model, params, rng_i, mix, caches, opts, keep_mixtures)
   mix_r = None
   if model.token_dim > model.config.d_I:
-    z_r, mix_r = _decode_redundant(model, params, rng_r, z, caches, opts)
+    z_r, mix_r, fallbacks_r = _decode_redundant(model, params, rng_r, z,
+                                                caches, opts)
     z = jnp.concatenate([z, z_r], axis=-1)
+    fallbacks = fallbacks + fallbacks_r
   mixtures = dict(mix_I=mix_i, mix_R=mix_r) if keep_mixtures else None
-  return z, mixtures
+  return z, mixtures, fallbacks
 
 
 def sample_latents(model: Farmer, params: Any, rng: jax.Array,
                    labels: jax.Array, *, return_mixtures: bool = False,
-                   **options):
+                   return_fallbacks: bool = False, **options):
   """Samples latents `z [B, N, d]` in the prior's token order (spec 6.1).
 
   The `gaussian` prior (TARFlow ablation) draws `scale_temp * N(0, I)`.
@@ -514,21 +553,27 @@ def sample_latents(model: Farmer, params: Any, rng: jax.Array,
     rng: PRNG key.
     labels: `[B]` int class labels (any value for unconditional models).
     return_mixtures: also return the mixtures used (see `decode_latents`).
+    return_fallbacks: also return each image's count of guided draws that
+      fell back to `p_c` (`[B]` int32, see `decode_latents`), last.
     **options: fields of `SamplingOptions` (`cfg_scale`, `guidance`,
       `num_candidates`, ...), the rest at their defaults. They are static:
       bind them before `jax.jit`.
 
   Returns:
-    `z` float32 `[B, N, d]`, or `(z, mixtures)` with `return_mixtures`.
+    `z` float32 `[B, N, d]`, or a tuple `(z, [mixtures], [fallbacks])`
+    with the ones asked for.
   """
   opts = SamplingOptions(**options)
   if model.config.prior == "gaussian":
     shape = (labels.shape[0], model.num_tokens, model.token_dim)
     z, mixtures = opts.scale_temp * jax.random.normal(rng, shape), None
+    fallbacks = jnp.zeros(labels.shape, jnp.int32)
   else:
-    z, mixtures = decode_latents(model, params, rng, labels, opts,
-                                 return_mixtures)
-  return (z, mixtures) if return_mixtures else z
+    z, mixtures, fallbacks = decode_latents(model, params, rng, labels, opts,
+                                            return_mixtures)
+  extra = (((mixtures,) if return_mixtures else ())
+           + ((fallbacks,) if return_fallbacks else ()))
+  return (z,) + extra if extra else z
 
 
 # --- Images -----------------------------------------------------------------
@@ -550,7 +595,8 @@ def tweedie_denoise(model: Farmer, params: Any, x: jax.Array,
 def sample_images(model: Farmer, params: Any, rng: jax.Array,
                   labels: jax.Array, *, denoise_sigma: float = 0.0,
                   decode_fn: Optional[Callable] = None,
-                  decoder_variables: Any = None, **kwargs) -> jax.Array:
+                  decoder_variables: Any = None,
+                  return_fallbacks: bool = False, **kwargs):
   """Samples images `[B, H, W, C]` in `[-1, 1]` (spec section 6).
 
   Args:
@@ -563,22 +609,19 @@ def sample_images(model: Farmer, params: Any, rng: jax.Array,
     decode_fn: `decode_fn(decoder_variables, z, labels) -> x` in place of
       the exact flow inverse (the distilled one-step student, spec 8).
     decoder_variables: the variables `decode_fn` takes.
+    return_fallbacks: also return each image's guidance fallback count.
     **kwargs: options of `sample_latents`.
 
   Returns:
-    float32 images clipped to `[-1, 1]`.
+    float32 images clipped to `[-1, 1]`, or `(images, fallbacks [B])`.
   """
-  z = sample_latents(model, params, rng, labels, **kwargs)
+  z, fallbacks = sample_latents(model, params, rng, labels,
+                                return_fallbacks=True, **kwargs)
   if decode_fn is None:
     x = model.apply(params, z, labels, method=Farmer.decode)
   else:
     x = decode_fn(decoder_variables, z, labels)
   if denoise_sigma > 0:
     x = tweedie_denoise(model, params, x, labels, denoise_sigma)
-  return jnp.clip(x, -1.0, 1.0)
-
-
-def to_uint8(x: jax.Array) -> jax.Array:
-  """`[-1, 1]` images -> `uint8` `{0..255}` (inverse of `x / 127.5 - 1`)."""
-  return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
-
+  x = jnp.clip(x, -1.0, 1.0)
+  return (x, fallbacks) if return_fallbacks else x

@@ -31,10 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from farmer_jax import config_lib
 from farmer_jax import inference
 from farmer_jax import input_pipeline
 from farmer_jax import nll
-from farmer_jax import train
 
 FLAGS = flags.FLAGS
 _EXTENSIONS = input_pipeline.IMAGE_EXTENSIONS
@@ -44,6 +44,7 @@ def define_flags() -> None:
   """The flags of this CLI (defined only when run as a program)."""
   flags.DEFINE_string("workdir", None, "The training run's --workdir.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+  inference.define_mesh_flag()  # --mesh=-1,1,1 ...
   flags.DEFINE_string("label", "null", "'null', 'marginal' or a class index.")
   flags.DEFINE_integer("num_dequant", 1, "Dequantisation draws per image.")
   flags.DEFINE_enum("format", "csv", ["csv", "json"], "Output format.")
@@ -128,7 +129,7 @@ def score_images(run, images: np.ndarray, *, label: str = "null",
     value = int(label)
     if not 0 <= value < num_classes:
       raise ValueError(f"--label={label}: classes are 0..{num_classes - 1}.")
-  fn = _bpd_fn(run.model, marginal, num_classes, train.num_dims(run.config))
+  fn = _bpd_fn(run.model, marginal, num_classes, config_lib.num_dims(run.config))
   rng, out = jax.random.PRNGKey(seed), []
   for start in range(0, len(images), batch_size):
     chunk = images[start:start + batch_size]
@@ -177,7 +178,8 @@ def main(argv) -> None:
   if not files:
     raise app.UsageError(f"No image files ({', '.join(_EXTENSIONS)}) in "
                          f"{argv[1:]}.")
-  run = inference.restore(FLAGS.workdir, FLAGS.step)
+  run = inference.restore(FLAGS.workdir, FLAGS.step,
+                          mesh_shape=inference.parse_mesh(FLAGS.mesh))
   rows = score_files(run, files, label=FLAGS.label,
                      num_dequant=FLAGS.num_dequant,
                      batch_size=FLAGS.batch_size, seed=FLAGS.seed)

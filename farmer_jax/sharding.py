@@ -13,15 +13,14 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from farmer_jax import config_lib
 
-MESH_AXES = ("data", "fsdp", "tensor")
-
 
 def create_mesh(config, devices=None) -> Mesh:
   """The `(data, fsdp, tensor)` mesh of `config.mesh_shape` over all devices."""
   devices = jax.devices() if devices is None else devices
   shape = config_lib.resolve_mesh_shape(config.mesh_shape, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3,
-                       devices=devices)
+  return jax.make_mesh(shape, config_lib.MESH_AXES,
+                       axis_types=(AxisType.Auto,) * 3, devices=devices)
+
 
 def rules(config):
   return tuple((k, v) for k, v in config.logical_axis_rules)
@@ -52,3 +51,28 @@ def batch_sharding(mesh: Mesh, config) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def with_shardings(abstract_tree, shardings):
+  """ShapeDtypeStructs carrying the target shardings (the restore target)."""
+  return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract_tree, shardings)
+
+
+def abstract_and_shardings(init_fn, mesh: Mesh, config):
+  """Abstract first: `init_fn()`'s tree, unboxed, and its shardings.
+
+  Args:
+    init_fn: a no-argument function returning a tree whose leaves may be
+      `nn.LogicallyPartitioned` (e.g. `model.init`'s params); only traced.
+    mesh: the target mesh.
+    config: holds `logical_axis_rules`.
+
+  Returns:
+    `(abstract, shardings)`: ShapeDtypeStructs carrying their shardings (an
+    Orbax restore target), and the NamedShardings (for `out_shardings`).
+  """
+  boxed = jax.eval_shape(init_fn)
+  shardings = tree_shardings(boxed, mesh, config)
+  return with_shardings(nn.meta.unbox(boxed), shardings), shardings

@@ -1,66 +1,44 @@
-"""`train_and_evaluate(config, workdir)`: the one training loop.
+"""`train_and_evaluate(config, workdir)`: FARMER training on `loop.run`.
 
 config -> mesh -> abstract state -> sharded init or restore -> jitted step
--> periodic logging, evaluation and checkpoints. The step is a pure
-function `(state, batch) -> (state, metrics)` jitted once with explicit
-shardings and the state donated.
+-> the shared loop (loop.py: logging, non-finite guard, EMA, evaluation,
+checkpoints). The step is a pure function `(state, batch) -> (state,
+metrics)` jitted once with explicit shardings and the state donated; its
+evaluation is exact test bits/dim plus reconstruction and sample grids.
 """
 import functools
 import math
 import os
-import time
-from typing import Any, Optional
+from typing import Optional
 
 from absl import logging
-from clu import metric_writers
 from clu import parameter_overview
-from clu import periodic_actions
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from farmer_jax import checkpointing
 from farmer_jax import config_lib
-from farmer_jax import evaluation
 from farmer_jax import inference
-from farmer_jax import input_pipeline
+from farmer_jax import loop
+from farmer_jax import metrics
 from farmer_jax import nll
 from farmer_jax import sharding
 from farmer_jax.models import Farmer
 
-
-class NonFiniteError(FloatingPointError):
-  """Too many non-finite steps in a row."""
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  ema_params: Any
-  rng: jax.Array
-  nonfinite_in_a_row: jax.Array  # consecutive skipped updates
-  nonfinite_total: jax.Array
+# The shared loop's names, here for callers of the training API.
+NonFiniteError = loop.NonFiniteError
+TrainState = loop.TrainState
 
 
 def create_optimizer(config):
-  """AdamW, linear warmup + cosine decay, global-norm clipping."""
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.lr, warmup_steps=config.warmup_steps,
-      decay_steps=config.total_steps, end_value=0.0)
-  tx = optax.chain(
-      optax.clip_by_global_norm(config.grad_clip),
-      optax.adamw(schedule, b1=config.b1, b2=config.b2,
-                  weight_decay=config.weight_decay))
-  return tx, schedule
+  """AdamW on `config.lr`, `warmup_steps`, `total_steps` (loop.py)."""
+  return loop.create_optimizer(config, lr=config.lr,
+                               warmup_steps=config.warmup_steps,
+                               total_steps=config.total_steps)
 
 
-def num_dims(config) -> int:
-  return config.model.image_size ** 2 * config.model.channels
+num_dims = config_lib.num_dims
 
 
 def _dummy_inputs(config, batch: int = 1):
@@ -74,10 +52,7 @@ def init_state(config, model, tx, rng) -> TrainState:
   x, labels = _dummy_inputs(config)
   params = model.init({"params": rng_params, "dropout": rng_drop}, x,
                       labels)["params"]
-  zero = jnp.zeros((), jnp.int32)
-  return TrainState(step=zero, params=params, opt_state=tx.init(params),
-                    ema_params=params, rng=rng_train, nonfinite_in_a_row=zero,
-                    nonfinite_total=zero)
+  return loop.new_state(params, tx, rng_train)
 
 
 def create_sharded_state(config, model, tx, mesh):
@@ -89,27 +64,15 @@ def create_sharded_state(config, model, tx, mesh):
     shardings) is the Orbax restore target.
   """
   rng = jax.random.PRNGKey(config.seed)
-  boxed = jax.eval_shape(functools.partial(init_state, config, model, tx), rng)
-  shardings = sharding.tree_shardings(boxed, mesh, config)
-  abstract = checkpointing.abstract_with_shardings(nn.meta.unbox(boxed),
-                                                   shardings)
+  init = functools.partial(init_state, config, model, tx)
+  abstract, shardings = sharding.abstract_and_shardings(
+      functools.partial(init, rng), mesh, config)
 
   @functools.partial(jax.jit, out_shardings=shardings)
   def init_fn(rng):
-    return nn.meta.unbox(init_state(config, model, tx, rng))
+    return nn.meta.unbox(init(rng))
 
   return functools.partial(init_fn, rng), abstract, shardings
-
-
-def _inject_nonfinite(x, step, steps: tuple):
-  """NaN input at the loop steps in `steps` (config.debug_nonfinite_steps).
-
-  A fault-injection switch for tests of the non-finite handling; with the
-  default `()` nothing is traced, so normal runs compile the same program.
-  """
-  if not steps:
-    return x
-  return jnp.where(jnp.isin(step, jnp.asarray(steps)), jnp.nan, x)
 
 
 def train_step(state: TrainState, batch, *, model, tx, schedule, config):
@@ -124,7 +87,7 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, config):
                           config.noise_schedule, config.noise_max,
                           config.noise_min)
   x = nll.augment(rng_noise, batch["image"], noise, config.noise_schedule)
-  x = _inject_nonfinite(x, state.step + 1, config.debug_nonfinite_steps)
+  x = loop.inject_nonfinite(x, state.step + 1, config.debug_nonfinite_steps)
   dims = num_dims(config)
 
   def loss_fn(params):
@@ -133,49 +96,21 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, config):
     return -jnp.mean(out["log_prob"]) / dims, out
 
   (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grad_norm = optax.global_norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-  def update(operands):
-    params, opt_state, ema = operands
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    decay = jnp.minimum(config.ema_decay,
-                        (1.0 + state.step) / (10.0 + state.step))
-    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
-    return params, opt_state, ema
-
-  # One branch runs: a finite step touches each parameter once (AdamW + EMA
-  # fused), a skipped one leaves everything as it was; no per-leaf selects.
-  params, opt_state, ema = jax.lax.cond(
-      finite, update, lambda operands: operands,
-      (state.params, state.opt_state, state.ema_params))
-  new_state = state.replace(
-      step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
-      nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
-      nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
+  new_state, update_metrics = loop.apply_gradients(
+      state, grads, loss, tx=tx, schedule=schedule,
+      ema_decay=config.ema_decay)
   to_bits = 1.0 / (dims * math.log(2.0))
-  metrics = dict(
-      loss=loss, bits_per_dim=loss / math.log(2.0) + evaluation.BIN_BITS,
+  step_metrics = dict(
+      loss=loss, bits_per_dim=loss / math.log(2.0) + metrics.BIN_BITS,
       bpd_flow=-jnp.mean(out["logdet"]) * to_bits,
       bpd_I=-jnp.mean(out["logp_I"]) * to_bits,
       bpd_R=-jnp.mean(out["logp_R"]) * to_bits,
-      grad_norm=grad_norm, param_norm=optax.global_norm(state.params),
-      learning_rate=schedule(state.step), noise_std=noise,
-      nonfinite_in_a_row=new_state.nonfinite_in_a_row,
-      nonfinite_total=new_state.nonfinite_total)
-  return new_state, metrics
-
-
-def reconstruct(model, params, images, labels):
-  """decode(encode(x)) of uint8 images, in `[-1, 1]` (the grid's round trip)."""
-  x = nll.to_model_range(images)
-  z, _ = model.apply({"params": params}, x, labels, method=Farmer.encode)
-  return model.apply({"params": params}, z, labels, method=Farmer.decode)
+      noise_std=noise, **update_metrics)
+  return new_state, step_metrics
 
 
 class Trainer:
-  """Builds everything `train_and_evaluate` needs from the config."""
+  """FARMER training as a `loop.Task`, built from the config."""
 
   def __init__(self, config, workdir: str):
     config_lib.validate(config, num_devices=jax.device_count(),
@@ -195,28 +130,25 @@ class Trainer:
         out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
         donate_argnums=0)
     self.eval_fn = jax.jit(functools.partial(
-        evaluation.eval_terms, self.model, num_dims=num_dims(config)))
-    self.reconstruct_fn = jax.jit(functools.partial(reconstruct, self.model))
-    self.checkpointer = checkpointing.Checkpointer(workdir, config)
+        metrics.eval_terms, self.model, num_dims=num_dims(config)))
+    self.reconstruct_fn = jax.jit(functools.partial(metrics.reconstruction,
+                                                    self.model))
 
-  def restore_or_init(self, data_iter):
-    """Checkpoint in workdir -> scratch. Returns `(state, data_iter)`."""
-    step = self.checkpointer.latest_step()
-    if step is not None:
-      return self.checkpointer.restore(step, self.abstract_state, data_iter)
-    logging.info("No checkpoint in %s: starting from scratch.", self.workdir)
-    with sharding.context(self.mesh, self.config):
-      return self.init_fn(), data_iter
+  def task(self) -> loop.Task:
+    return loop.Task(mesh=self.mesh, batch_sharding=self.batch_sharding,
+                     init_fn=self.init_fn, abstract_state=self.abstract_state,
+                     step_fn=self.train_step, evaluate=self.evaluate,
+                     total_steps=self.config.total_steps)
 
   def eval_batches(self):
-    return evaluation.eval_batches(self.config, self.config.data.eval_split,
-                                   self.batch_sharding,
-                                   self.config.num_eval_batches)
+    return metrics.eval_batches(self.config, self.config.data.eval_split,
+                                self.batch_sharding,
+                                self.config.num_eval_batches)
 
   def evaluate(self, state, writer, step: int) -> dict:
     """Exact test bits/dim on EMA params + a reconstruction grid."""
     with sharding.context(self.mesh, self.config):
-      result = evaluation.evaluate_bpd(
+      result = metrics.evaluate_bpd(
           self.eval_fn, state.ema_params, self.eval_batches(),
           jax.random.PRNGKey(self.config.seed + 1))
     writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
@@ -228,12 +160,13 @@ class Trainer:
     """decode(encode(x)) of test images (EMA params) as PNG + TensorBoard."""
     batch = next(iter(self.eval_batches()))
     n = self.config.num_grid_images
-    recon = self.reconstruct_fn(state.ema_params, batch["image"][:n],
-                                batch["label"][:n])
-    grid = evaluation.make_grid(evaluation.to_uint8(recon))
+    with sharding.context(self.mesh, self.config):
+      recon = self.reconstruct_fn(state.ema_params, batch["image"][:n],
+                                  batch["label"][:n])["recon"]
+    grid = metrics.make_grid(metrics.to_host(nll.to_uint8(recon)))
     if jax.process_index() == 0:
-      evaluation.save_png(grid, os.path.join(self.workdir, "images",
-                                             f"reconstructions_{step}.png"))
+      metrics.save_png(grid, os.path.join(self.workdir, "images",
+                                          f"reconstructions_{step}.png"))
     writer.write_images(step, {"reconstructions": grid[None]})
     n = self.config.sample.num_grid_images
     if n:
@@ -248,20 +181,11 @@ class Trainer:
     images = inference.generate(run, np.arange(n) % classes,
                                 seed=self.config.seed,
                                 denoise=self.config.sample.denoise)
-    grid = evaluation.make_grid(images, ncol=min(classes, n))
+    grid = metrics.make_grid(images, ncol=min(classes, n))
     if jax.process_index() == 0:
-      evaluation.save_png(grid, os.path.join(self.workdir, "images",
-                                             f"samples_{step}.png"))
+      metrics.save_png(grid, os.path.join(self.workdir, "images",
+                                          f"samples_{step}.png"))
     writer.write_images(step, {"samples": grid[None]})
-
-
-def _check_finite(metrics: dict, step: int, limit: int) -> None:
-  if int(metrics["nonfinite_in_a_row"]) >= limit:
-    raise NonFiniteError(
-        f"{int(metrics['nonfinite_in_a_row'])} non-finite steps in a row, the "
-        f"last at step {step} (loss={float(metrics['loss'])}, grad_norm="
-        f"{float(metrics['grad_norm'])}); no update was applied for them. "
-        "Lower config.lr, raise config.noise_min or check the data.")
 
 
 def _log_once(config, trainer: Trainer) -> None:
@@ -270,13 +194,6 @@ def _log_once(config, trainer: Trainer) -> None:
   logging.info("Mesh: %s", dict(trainer.mesh.shape))
   parameter_overview.log_parameter_overview(trainer.abstract_state.params,
                                              include_stats=False)
-
-
-def _hparams(config) -> dict:
-  """The config flattened to scalars, for TensorBoard's hparams tab."""
-  flat = flax.traverse_util.flatten_dict(config.to_dict(), sep=".")
-  return {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-          for k, v in flat.items()}
 
 
 def train_and_evaluate(config, workdir: str, *,
@@ -295,58 +212,4 @@ def train_and_evaluate(config, workdir: str, *,
   """
   trainer = Trainer(config, workdir)
   _log_once(config, trainer)
-  data_iter = input_pipeline.create_train_iterator(
-      config, process_index=jax.process_index(),
-      process_count=jax.process_count())
-  state, data_iter = trainer.restore_or_init(data_iter)
-  # After the restore: a workdir of another model keeps its own config.
-  inference.save_config(config, workdir)  # for sample / evaluate / score
-  first_step = int(state.step)
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0)
-  if first_step == 0:
-    writer.write_hparams(_hparams(config))
-  logging.info("Training from step %d to %d.", first_step, config.total_steps)
-  try:
-    last_eval = _loop(config, trainer, state, data_iter, writer, first_step,
-                      stop_at_step or config.total_steps)
-  finally:
-    trainer.checkpointer.close()  # waits for async saves: never lose work
-    writer.flush()
-  return last_eval
-
-
-def _loop(config, trainer, state, data_iter, writer, first_step,
-          last_step) -> dict:
-  report = periodic_actions.ReportProgress(num_train_steps=config.total_steps,
-                                           writer=writer)
-  pending, last_eval, prev_metrics = [], {}, None
-  t0, images_seen = time.time(), 0
-  for step in range(first_step + 1, last_step + 1):
-    batch = input_pipeline.make_global_batch(next(data_iter),
-                                             trainer.batch_sharding)
-    with sharding.context(trainer.mesh, config):
-      state, metrics = trainer.train_step(state, batch)
-    if prev_metrics is not None:  # one step behind: no sync on this step
-      _check_finite(prev_metrics, step - 1, config.max_consecutive_nonfinite)
-    prev_metrics = metrics
-    pending.append(metrics)
-    images_seen += config.batch_size
-    report(step)
-    if step % config.log_every == 0 or step == config.total_steps:
-      means = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
-               for k in pending[0]}
-      means["images_per_sec"] = images_seen / (time.time() - t0)
-      writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
-      pending, t0, images_seen = [], time.time(), 0
-    if step % config.eval_every == 0 or step == config.total_steps:
-      last_eval = trainer.evaluate(state, writer, step)
-    if trainer.checkpointer.should_save(step, last_step):
-      trainer.checkpointer.save(step, state, data_iter)
-      if trainer.checkpointer.reached_preemption(step):
-        logging.warning("Preemption signalled: saved step %d, exiting.", step)
-        break
-  if prev_metrics is not None:
-    _check_finite(prev_metrics, int(state.step),
-                  config.max_consecutive_nonfinite)
-  return last_eval
+  return loop.run(config, workdir, trainer.task(), stop_at_step=stop_at_step)

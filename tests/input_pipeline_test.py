@@ -419,3 +419,15 @@ def test_worker_processes_give_the_same_batches_and_resume():
   resumed.set_state(state)
   _assert_batches_equal(_take(resumed, 3), expected[3:])
   resumed.close()
+
+
+def test_missing_labels_are_an_error_for_a_conditional_model():
+  """Unlabelled examples get label 0 only for an unconditional model."""
+  image = np.zeros((8, 8, 1), np.uint8)
+  fit = functools.partial(input_pipeline._fit_example,  # pylint: disable=protected-access
+                          image_size=8, channels=1)
+  assert int(fit({"image": image}, conditional=False)["label"]) == 0
+  assert int(fit({"image": image, "label": 7}, conditional=True)[
+      "label"]) == 7
+  with pytest.raises(ValueError, match="no 'label'.*num_classes"):
+    fit({"image": image}, conditional=True)

@@ -193,15 +193,9 @@ def test_mixture_sampling_moments():
   assert abs(float(s.var()) - var) < 0.05
 
 
-def test_bits_per_dim_by_hand():
-  # A standard Gaussian density N(0, sigma^2) on D dims, evaluated by hand.
-  d, sigma = 12, 0.3
-  x = np.linspace(-0.9, 0.9, d)
-  nll_nats = 0.5 * np.sum(x ** 2) / sigma ** 2 + d * (
-      math.log(sigma) + 0.5 * math.log(2 * math.pi))
-  expected = (nll_nats / d + math.log(127.5)) / math.log(2)
-  assert abs(float(nll.bits_per_dim(jnp.float32(nll_nats), d)) - expected) < 1e-5
-  # The uniform density over all 256 bins (width 256/127.5) is exactly 8 bits.
+def test_uniform_density_over_the_256_levels_is_8_bits():
+  # Density 127.5 / 256 per dimension on [-1, 1] +- half a bin.
+  d = 12
   flat = d * math.log(256 / 127.5)
   assert abs(float(nll.bits_per_dim(jnp.float32(flat), d)) - 8.0) < 1e-5
 

@@ -42,7 +42,9 @@ import helpers
 from farmer_jax import checkpointing
 from farmer_jax import config_lib
 from farmer_jax import input_pipeline
+from farmer_jax import sharding
 from farmer_jax import train
+from farmer_jax.models import Farmer
 
 TOTAL_STEPS = 10
 CKPT_EVERY = 2
@@ -227,9 +229,9 @@ def restore(workdir, step):
   """The TrainState of `step` as numpy arrays (restored onto 8 devices)."""
   config = _config()
   if "state" not in _ABSTRACT:
-    trainer = train.Trainer(config, str(workdir))  # traced, not compiled.
-    trainer.checkpointer.close()
-    _ABSTRACT["state"] = trainer.abstract_state
+    _, _ABSTRACT["state"], _ = train.create_sharded_state(  # traced only
+        config, Farmer(config.model), train.create_optimizer(config)[0],
+        sharding.create_mesh(config))
   checkpointer = checkpointing.Checkpointer(str(workdir), config)
   try:
     state = checkpointer.restore_state(step, _ABSTRACT["state"])
@@ -346,7 +348,7 @@ def test_nonfinite_in_a_row_aborts_naming_the_step(tmp_path, runs, reference,
              cache_dir=cache_dir)
   assert run.finish() != 0
   assert last_error(run.log).startswith(
-      "farmer_jax.train.NonFiniteError: 2 non-finite steps in a row, the "
+      "farmer_jax.loop.NonFiniteError: 2 non-finite steps in a row, the "
       "last at step 4"), run.tail()
   # Nothing saved after the abort, and nothing saved is corrupt.
   assert steps_on_disk(workdir) == ([2, 4], [])

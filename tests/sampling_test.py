@@ -6,6 +6,7 @@ asserts. The guidance rules are tested as pure functions of 1-D mixtures
 against densities integrated on a grid.
 """
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -566,9 +567,9 @@ def test_images_in_range_with_rejection_cfg():
   assert x.shape == (8, 8, 8, 1) and x.dtype == jnp.float32
   assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0
   assert float(x.std()) > 0.05
-  u8 = sampling.to_uint8(x)
+  u8 = nll.to_uint8(x)
   assert u8.dtype == jnp.uint8
-  np.testing.assert_array_equal(sampling.to_uint8(nll.to_model_range(u8)), u8)
+  np.testing.assert_array_equal(nll.to_uint8(nll.to_model_range(u8)), u8)
 
 
 def test_closed_form_cfg_samples():
@@ -629,3 +630,48 @@ def test_sampling_shards_over_the_batch_without_communication():
                          num_uncond_candidates=2, return_mixtures=True)(
                              params, jax.random.PRNGKey(0), LABELS)
   np.testing.assert_allclose(z, unsharded, atol=1e-5)
+
+
+# --- Guidance fallbacks are counted -----------------------------------------
+
+
+def test_closed_form_counts_improper_targets():
+  """Precision `(1+w)/s_c^2 - w/s_u^2`: 2/1 - 1/0.25 < 0 (improper, every
+  dimension falls back) for s_u = 0.5; 3/0.64 - 2/1 > 0 (none) below."""
+  improper = toy_mixture(([1.0], [0.0], [1.0])), toy_mixture(
+      ([1.0], [0.0], [0.5]))
+  proper = toy_mixture(([1.0], [0.5], [0.8])), toy_mixture(
+      ([1.0], [-0.5], [1.0]))
+  fn = jax.jit(functools.partial(sampling.closed_form_cfg,
+                                 return_fallbacks=True), static_argnums=3)
+  _, counts = fn(jax.random.PRNGKey(0), *improper, 1.0)
+  assert counts.shape == (N_DRAWS,) and int(counts.sum()) == N_DRAWS
+  _, counts = fn(jax.random.PRNGKey(0), *proper, 2.0)
+  assert int(counts.sum()) == 0
+
+
+def test_rejection_fallback_rate_is_the_closed_form():
+  """Target = p_c (identical mixtures): the ratio to the proposal
+  N(m_c, 2 s_c) peaks at 2, so one try is accepted with probability 1/2
+  and a dimension falls back with probability 1/2 (0.5^64 with 64 tries)."""
+  same = toy_mixture(([1.0], [0.3], [0.7]))
+  fn = jax.jit(functools.partial(sampling.rejection_cfg,
+                                 return_fallbacks=True), static_argnums=(3, 4))
+  _, one = fn(jax.random.PRNGKey(1), same, same, 2.0, 1)
+  _, many = fn(jax.random.PRNGKey(1), same, same, 2.0, 64)
+  rate = float(one.mean())
+  assert abs(rate - 0.5) < 4 * math.sqrt(0.25 / N_DRAWS), rate
+  assert int(many.sum()) == 0
+
+
+def test_sampler_reports_fallbacks_per_image():
+  z, counts = sampler("sample_latents", cfg_scale=3.0, guidance="closed_form",
+                      return_fallbacks=True)(
+      tiny_model()[1], jax.random.PRNGKey(0), LABELS)
+  model = tiny_model()[0]
+  assert counts.shape == (8,) and counts.dtype == jnp.int32
+  assert 0 <= int(counts.min()) and int(counts.max()) <= (
+      model.num_tokens * model.token_dim)
+  z_plain = sampler("sample_latents", cfg_scale=3.0, guidance="closed_form")(
+      tiny_model()[1], jax.random.PRNGKey(0), LABELS)
+  np.testing.assert_array_equal(z, z_plain)

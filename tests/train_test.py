@@ -7,7 +7,9 @@ import pytest
 
 import helpers
 from farmer_jax import checkpointing
+from farmer_jax import sharding
 from farmer_jax import train
+from farmer_jax.models import Farmer
 
 
 def tiny_config(**overrides):
@@ -19,10 +21,15 @@ def tiny_config(**overrides):
 
 
 def restore_params(config, workdir, step=None):
-  trainer = train.Trainer(config, workdir)
-  state = trainer.checkpointer.restore_state(step, trainer.abstract_state)
-  trainer.checkpointer.close()
-  return state
+  """The whole TrainState (params, optimizer, EMA) of `step`."""
+  mesh = sharding.create_mesh(config)
+  _, abstract, _ = train.create_sharded_state(
+      config, Farmer(config.model), train.create_optimizer(config)[0], mesh)
+  ckpt = checkpointing.Checkpointer(workdir, config, read_only=True)
+  try:
+    return ckpt.restore_state(step, abstract)
+  finally:
+    ckpt.close()
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +59,9 @@ def test_checkpoints_and_eval_written(runs):
   assert steps == [4, 8, 12]
   assert os.path.exists(os.path.join(full, "images", "reconstructions_12.png"))
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(full))
-  # Exact bits/dim of 8-bit digits: above 0, well below 8 (uniform) after
-  # even 12 steps of a tiny model is not guaranteed, so only sanity here.
-  assert 0 < result["bpd"] < 12 and result["num_images"] == config.eval_batch_size
-  parts = result["bpd_flow"] + result["bpd_I"] + result["bpd_R"]
-  assert abs(parts + 6.99435343685886 - result["bpd"]) < 1e-4
+  # What the bits/dim are is tested against closed forms in
+  # reference_test.py; here: the evaluation ran on one eval batch.
+  assert result["num_images"] == config.eval_batch_size
 
 
 def test_stop_then_resume_continues_from_saved_step(runs):

@@ -20,8 +20,7 @@ import ml_collections
 
 from farmer_jax.models import ar
 from farmer_jax.models import flow
-
-_HALF_LOG_2PI = 0.9189385332046727  # 0.5 * log(2 pi)
+from farmer_jax.models import gmm
 
 
 def patchify(x: jax.Array, p: int) -> jax.Array:
@@ -81,7 +80,7 @@ class Farmer(nn.Module):
     """`(log p(Z^I), log p(Z^R | Z^I))` `[B]` each; gaussian: (all, 0)."""
     if self.config.prior == "gaussian":
       z = z.astype(jnp.float32)
-      logp = jnp.sum(-0.5 * z * z - _HALF_LOG_2PI, axis=(1, 2))
+      logp = jnp.sum(-0.5 * z * z - gmm._HALF_LOG_2PI, axis=(1, 2))  # pylint: disable=protected-access
       return logp, jnp.zeros_like(logp)
     return self.prior.log_prob(z, labels, train)
 

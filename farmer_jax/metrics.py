@@ -37,6 +37,34 @@ def eval_terms(model, params, batch, rng, num_dims: int):
               bpd_R=to_bits(out["logp_R"]))
 
 
+def reconstruction(model, params, images, labels, decode_fn=None,
+                   decoder_params=None) -> dict:
+  """`decode(encode(x))` of uint8 images and its per-image error.
+
+  Args:
+    model: the `Farmer` module (its encoder is the teacher's for a student).
+    params: its params (no `{'params': ...}` wrapper).
+    images: uint8 `[B, H, W, C]`.
+    labels: `[B]` int.
+    decode_fn: `decode_fn(decoder_params, z, labels) -> x` in place of the
+      exact inverse (the distilled student); None: `Farmer.decode`.
+    decoder_params: what `decode_fn` takes.
+
+  Returns:
+    dict: `recon [B, H, W, C]` in `[-1, 1]` units (not clipped), `sq_err
+    [B]` (`‖x^ - x‖^2 / D`) and `max_abs [B]`.
+  """
+  x = nll.to_model_range(images)
+  z, _ = model.apply({"params": params}, x, labels, method=Farmer.encode)
+  if decode_fn is None:
+    recon = model.apply({"params": params}, z, labels, method=Farmer.decode)
+  else:
+    recon = decode_fn(decoder_params, z, labels)
+  err = (recon - x).reshape(x.shape[0], -1)
+  return dict(recon=recon, sq_err=jnp.mean(jnp.square(err), -1),
+              max_abs=jnp.max(jnp.abs(err), -1))
+
+
 def class_log_probs(model, params, batch, rng, num_classes: int):
   """`log p(x | c)` (nats) of each image for every class, `[B, C]`.
 
@@ -147,15 +175,11 @@ def to_host(tree):
   """
   def get(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if x.is_fully_replicated:  # every process holds it: no collective
+        return np.asarray(x.addressable_data(0))
       return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
   return jax.tree.map(get, tree)
-
-
-def to_uint8(x: jax.Array) -> np.ndarray:
-  """`[-1, 1]` images -> uint8 `{0..255}` (clipped, rounded)."""
-  x = to_host(x).astype(np.float32)
-  return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def make_grid(images: np.ndarray, ncol: int = 0, pad: int = 1) -> np.ndarray:
