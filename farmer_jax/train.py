@@ -51,7 +51,9 @@ def create_optimizer(config):
   """AdamW, linear warmup + cosine decay, global-norm clipping."""
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=config.lr, warmup_steps=config.warmup_steps,
-      decay_steps=config.total_steps, end_value=0.0)
+      decay_steps=config.total_steps,
+      # distill.py's optimizer config has no lr_end: it decays to 0.
+      end_value=config.get("lr_end", 0.0))
   tx = optax.chain(
       optax.clip_by_global_norm(config.grad_clip),
       optax.adamw(schedule, b1=config.b1, b2=config.b2,
@@ -112,11 +114,59 @@ def _inject_nonfinite(x, step, steps: tuple):
   return jnp.where(jnp.isin(step, jnp.asarray(steps)), jnp.nan, x)
 
 
+def _microbatches(a: jax.Array, accum: int) -> jax.Array:
+  """`[B, ...]` -> `[accum, B / accum, ...]`, microbatch k = rows k::accum.
+
+  Strided, not contiguous: each device's rows of the batch-sharded array
+  split into `accum` equal parts locally, so every microbatch stays spread
+  over all devices and nothing moves between them.
+  """
+  a = a.reshape(a.shape[0] // accum, accum, *a.shape[1:])
+  return jnp.swapaxes(a, 0, 1)
+
+
+def _loss_and_grads(params, x, labels, rng_drop, *, model, dims: int,
+                    accum: int):
+  """`((loss, out), grads)` of the mean NLL per dim over the batch.
+
+  With `accum > 1` the batch is cut into `accum` microbatches
+  (`_microbatches`) and a `lax.scan` sums their losses and gradients, so
+  only one microbatch's activations are alive at a time; equal microbatch
+  sizes make the mean of their means the full batch's mean. Microbatch k
+  draws label dropout from `fold_in(rng_drop, k)`.
+  """
+  def loss_fn(params, x, labels, rng):
+    out = model.apply({"params": params}, x, labels, train=True,
+                      rngs={"dropout": rng})
+    return -jnp.mean(out["log_prob"]) / dims, out
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum == 1:
+    return grad_fn(params, x, labels, rng_drop)
+
+  def body(carry, xs):
+    loss_sum, grad_sum = carry
+    x_k, labels_k, k = xs
+    (loss, out), grads = grad_fn(params, x_k, labels_k,
+                                 jax.random.fold_in(rng_drop, k))
+    return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), out
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (loss_sum, grad_sum), out = jax.lax.scan(
+      body, (jnp.zeros((), jnp.float32), zeros),
+      (_microbatches(x, accum), _microbatches(labels, accum),
+       jnp.arange(accum)))
+  grads = jax.tree.map(lambda g: g / accum, grad_sum)
+  return (loss_sum / accum, out), grads
+
+
 def train_step(state: TrainState, batch, *, model, tx, schedule, config):
   """One update on the exact NLL of the noise-augmented batch (spec 1, 5).
 
   A non-finite loss or gradient leaves params, optimizer and EMA unchanged
-  (the step counter still advances past the batch) and is counted.
+  (the step counter still advances past the batch) and is counted. With
+  `config.grad_accum_steps > 1` the gradient is accumulated over
+  microbatches (`_loss_and_grads`); the update is the same.
   """
   rng = jax.random.fold_in(state.rng, state.step)
   rng_noise, rng_drop = jax.random.split(rng)
@@ -126,13 +176,9 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, config):
   x = nll.augment(rng_noise, batch["image"], noise, config.noise_schedule)
   x = _inject_nonfinite(x, state.step + 1, config.debug_nonfinite_steps)
   dims = num_dims(config)
-
-  def loss_fn(params):
-    out = model.apply({"params": params}, x, batch["label"], train=True,
-                      rngs={"dropout": rng_drop})
-    return -jnp.mean(out["log_prob"]) / dims, out
-
-  (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, out), grads = _loss_and_grads(
+      state.params, x, batch["label"], rng_drop, model=model, dims=dims,
+      accum=config.grad_accum_steps)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
