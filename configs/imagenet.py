@@ -1,62 +1,69 @@
 r"""FARMER on ImageNet, class-conditional, at 64x64 or 256x256.
 
-The paper's models (FARMER-1.1B and FARMER-1.9B, ImageNet 256):
+The paper's models (FARMER-1.1B and FARMER-1.9B, ImageNet 256), each launch
+fitting its slice with >= 15% HBM free per the ahead-of-time compiled memory
+(benchmarks/aot_memory.py; table in benchmarks/README.md):
 
-  launch/run.sh --config=configs/imagenet.py:res=256,size=1.1B \
+  launch/run.sh --config=configs/imagenet.py:res=256,size=1.1B,slice=v5litepod-64 \
     --workdir=gs://BUCKET/farmer/imagenet256-1.1B \
     -- --config.data.tfds_data_dir=gs://BUCKET/tfds
 
-or on one host: python -m farmer_jax.main \
-  --config=configs/imagenet.py:res=256,size=1.9B,fsdp=8 \
-  --workdir=workdirs/imagenet256-1.9B --config.data.tfds_data_dir=DIR
+  launch/run.sh --config=configs/imagenet.py:res=256,size=1.9B,slice=v5p-128 \
+    --workdir=gs://BUCKET/farmer/imagenet256-1.9B-p8 \
+    -- --config.data.tfds_data_dir=gs://BUCKET/tfds
 
 Data: `imagenet2012` prepared once in array_record format (nothing is
 downloaded; the ILSVRC2012 tar files go in DIR/downloads/manual first):
 `tfds build imagenet2012 --data_dir=DIR --file_format=array_record`.
 
 Target (paper numbers; this code has not reached them yet): ImageNet 256
-FID-50K 5.40 for FARMER-1.1B (patch 16) and 3.60 (IS 269) for FARMER-1.9B
-(patch 8), both with resampling-based CFG after 320 epochs. The training
-run itself reports bits/dim; FID needs the sampler with guidance.
+FID-50K 5.40 / 5.02 for FARMER-1.1B at patch 16 / 8 and 3.96 / 3.60 for
+FARMER-1.9B, with resampling-based CFG after 320 epochs. The training run
+itself reports bits/dim (the paper gives none); FID needs the sampler.
 
 Arg keys (comma-separated, see `config_lib.parse_arg`):
   res=64|256   image side. 256: imagenet2012 resized to 256 (the paper).
                64: imagenet2012 resized to 64, labels kept.
   size=NAME    a row of SIZES: tiny, S, B, 1.1B, 1.9B. Default 1.1B at 256,
                B at 64, tiny with runlocal.
+  patch=8|16   patch side at res 256 (scaled with res); default the size's
+               (1.1B: 16, 1.9B: 8, the paper's headline variants).
   uncond       unconditional; with res=64 only, reads the label-free
                downsampled_imagenet/64x64.
   fsdp=N       mesh (-1, N, 1): parameters sharded N ways (FSDP), the rest
-               data-parallel. Default 1: pure data parallelism.
+               data-parallel; fsdp=-1: mesh (1, -1, 1), FSDP over every
+               chip. Default: -1 for 1.1B / 1.9B, 1 (data parallel) else.
+  slice=NAME   the documented launch on that slice (LAUNCH): gradient
+               accumulation steps measured to fit, e.g. slice=v4-32.
+  accum=N      config.grad_accum_steps (wins over slice=); default 1.
   runlocal     tiny model, batch 8, 10 steps: a CPU smoke test of the code
                path (still needs the prepared TFDS data).
 
-Where the values come from (paper arXiv 2510.23588, as summarised in
-docs/FARMER.md; we cite the paper's parts by name, not by number):
-  * method (AF blocks, channel split, GMM prior; docs sections 2-4):
-    d_I=128 of d=768, K_I=64 components for Z^I, K_R=200 for Z^R, the class
-    token repeated x64, the terminal permutation;
-  * experiments setup (docs section 9): ImageNet 256 class-conditional,
-    patch 16 for FARMER-1.1B and 8 for FARMER-1.9B, 320 epochs,
-    dequantisation noise 0.1 -> 0.005 on a cosine schedule; we keep
-    d_I=128 for patch 8 too (d=192), our reading of the paper;
-  * ablation table (Table 2, FARMER-1.1B): the gains of dimension
-    reduction, x64 duplication, terminal permutation and resampling CFG;
-  * the spec's defaults: label dropout 0.1 (for CFG), scale clip 4, GMM
+Where the values come from (paper arXiv 2510.23588v2, summarised in
+docs/FARMER.md and ../shared/spec section 9):
+  * paper, Table 1: AR 12 x 768 and AF 28 blocks x 4 layers x 768
+    (FARMER-1.1B); AR 24 x 1024 and AF 32 x 6 x 768 (FARMER-1.9B); both at
+    patch 16 and 8. tests/config_test.py checks our AR / AF parameter counts
+    against the table (within 3%; the 1.9B prior is the one mismatch, see
+    the test);
+  * paper, method and section 4.1: d_I=128 of d=768, K_I=64, K_R=200, the
+    class token repeated x64, the terminal permutation; AdamW (0.9, 0.95),
+    weight decay 0.03, cosine LR 1e-4 -> 1e-6 after 5,000 linear warm-up
+    steps, 320 epochs, dequantisation noise 0.1 -> 0.005 (cosine);
+  * paper, Table 6: resampling CFG's temperatures, candidate counts and w
+    per size and patch (SAMPLING); ours: the z^R candidate counts (the paper
+    says "larger"), r_var_scale 1, and the 1.1B/p16 row for other sizes;
+  * the spec's decisions: label dropout 0.1 (for CFG), scale clip 4, GMM
     head init and scale floor;
-  * sampling (Table 6): resampling CFG's temperatures, candidate counts and
-    w per size and patch (SAMPLING below); ours: the z^R candidate counts
-    (the paper says "larger"), r_var_scale 1, and the 1.1B/p16 row for the
-    sizes the paper did not sample;
-  * guessed, each marked `# guess:` below: every depth and width of the
-    1.1B / 1.9B rows of SIZES (only their patch sizes and totals are the
-    paper's; tests/config_test.py checks the totals), mlp ratio, head dim,
-    batch size, learning rate, warm-up, AdamW betas, weight decay, gradient
-    clip, EMA. The paper's text that we could read does not give them;
-  * ours: the S / B / tiny rows, res=64 (the patch scales with res so each
-    size keeps its token count N, and d_I scales like d), bf16
-    activations, remat for the big sizes, logging / eval / checkpoint
-    periods.
+  * ours, each marked `# ours` below (the paper does not give them): global
+    batch 1024, EMA 0.9999, gradient clip 1.0, heads of 64 dims (TARFlow's),
+    mlp ratio 4 (it reproduces Table 1's counts), d_I=128 also at patch 8,
+    bf16 activations, remat, the mesh (full FSDP for the paper sizes) and
+    gradient accumulation per slice, the weight-decay mask (norms, biases
+    and embeddings undecayed; config.weight_decay_mask, wired after issue
+    15), the S / B / tiny rows, res=64 (the patch scales with res so each
+    size keeps its token count N, and d_I scales like d), logging / eval /
+    checkpoint periods.
 """
 import ml_collections
 
