@@ -103,6 +103,7 @@ DEFAULT_SIZE = {64: "B", 256: "1.1B"}
 # mesh, full FSDP over every chip, and remat.
 LAUNCH = {
     ("1.1B", 16, "v5litepod-64"): 1,  # 5.27 of 16 GiB per chip (libtpu).
+    ("1.1B", 16, "v4-32"): 1,  # 20.36 of 32 GiB per chip (libtpu).
 }
 
 
