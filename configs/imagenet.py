@@ -2,8 +2,8 @@ r"""FARMER on ImageNet, class-conditional, at 64x64 or 256x256.
 
 The paper's models (FARMER-1.1B and FARMER-1.9B, ImageNet 256). A launch
 with `slice=NAME` is one whose train step was compiled for that slice
-ahead of time (benchmarks/aot_memory.py, TPU compiler; table in
-benchmarks/README.md) and fits with >= 15% of HBM free:
+ahead of time (benchmarks/aot_memory.py, TPU compiler; table in README,
+Benchmarks) and fits with >= 15% of HBM free:
 
   launch/run.sh --config=configs/imagenet.py:res=256,size=1.1B,slice=v5litepod-64 \
     --workdir=gs://BUCKET/farmer/imagenet256-1.1B \
@@ -99,7 +99,7 @@ DEFAULT_SIZE = {64: "B", 256: "1.1B"}
 # accumulation steps at the global batch of 1024 (`slice=NAME`; ours). Only
 # launches whose train step was compiled for that slice by
 # benchmarks/aot_memory.py and left >= 15% of HBM free are here (table:
-# benchmarks/README.md); add a row after measuring it. All use the default
+# README, Benchmarks); add a row after measuring it. All use the default
 # mesh, full FSDP over every chip, and remat.
 LAUNCH = {
     ("1.1B", 16, "v5litepod-64"): 1,  # 5.27 of 16 GiB per chip (libtpu).
