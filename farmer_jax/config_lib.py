@@ -41,8 +41,10 @@ ADDED_KEYS = {
     # FID / IS: off for runs trained before the section existed.
     "inception": dict(weights="", num_real=-1, reference_split="",
                       batch_size=100),
-    "": dict(eval_bayes_images=0,  # off, as it was.
-             weight_decay_mask=False),  # decay on every weight, as it was.
+    # off, as it was; decay on every weight; the LR decayed to 0; one batch
+    # per step.
+    "": dict(eval_bayes_images=0, weight_decay_mask=False, lr_end=0.0,
+             grad_accum_steps=1),
     # Resampling CFG before the paper's Algorithm 1 (spec 7): balance-heuristic
     # weights on the sampling temperatures, one candidate count for z^I, z^R.
     "sample": dict(proposal="balance",
@@ -192,6 +194,8 @@ _AT_LEAST = (
     ("noise_min", 0, "a noise std"),
     ("noise_max", 0, "a noise std"),
     ("total_steps", 1, "training needs a step"),
+    ("grad_accum_steps", 1, "1 means one batch per step"),
+    ("lr_end", 0, "the learning rate the cosine ends at"),
     ("warmup_steps", 0, "0 means no warm-up"),
     ("weight_decay", 0, "0 means none"),
     ("max_consecutive_nonfinite", 1, "1 stops at the first non-finite step"),
@@ -305,6 +309,10 @@ def _check_noise(config) -> None:
 
 
 def _check_schedule(config) -> None:
+  _require(config.lr_end <= config.lr,
+           f"config.lr_end={config.lr_end} is above config.lr={config.lr}; "
+           "the cosine decays lr -> lr_end, so set lr_end <= lr (the paper: "
+           "1e-4 -> 1e-6).")
   _require(config.warmup_steps < config.total_steps,
            f"config.warmup_steps={config.warmup_steps} must be < "
            f"config.total_steps={config.total_steps}; lower warmup_steps "
@@ -386,6 +394,20 @@ def _check_batch(config, field: str, shape, process_count: int) -> None:
            f"{process_count}, e.g. {suggestion}.")
 
 
+def _check_accumulation(config, shape) -> None:
+  """Each of the grad_accum_steps microbatches splits over the batch devices."""
+  accum = config.grad_accum_steps
+  shards = _mesh_size(shape, _mesh_axes_of(config, "batch"))
+  per_device = config.batch_size // shards
+  ok = [k for k in range(1, per_device + 1) if per_device % k == 0]
+  _require(per_device % accum == 0,
+           f"config.grad_accum_steps={accum} does not divide the per-device "
+           f"batch {per_device} (config.batch_size={config.batch_size} over "
+           f"{shards} devices), so the microbatches would not split evenly "
+           f"over the devices; pick grad_accum_steps from {tuple(ok)} or "
+           "change config.batch_size.")
+
+
 def _logical_sizes(model) -> dict[str, list[tuple[str, int]]]:
   """Sizes of parameter axes by logical name, each with how to change it."""
   n = (model.image_size // model.patch_size) ** 2
@@ -456,6 +478,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   _check_rules(config)
   for field in ("batch_size", "eval_batch_size"):
     _check_batch(config, field, shape, process_count)
+  _check_accumulation(config, shape)
   _require(config.num_grid_images <= config.eval_batch_size,
            f"config.num_grid_images={config.num_grid_images} is more than one "
            f"eval batch (config.eval_batch_size={config.eval_batch_size}); "

@@ -68,21 +68,22 @@ def decay_mask(params) -> Any:
 
 
 def create_optimizer(config, *, lr: float, warmup_steps: int,
-                     total_steps: int):
+                     total_steps: int, end_lr: float = 0.0):
   """AdamW, linear warmup + cosine decay, global-norm clipping.
 
   Args:
     config: holds grad_clip, b1, b2, weight_decay and weight_decay_mask.
     lr: peak learning rate.
     warmup_steps: linear warmup from 0.
-    total_steps: the cosine ends (at 0) here.
+    total_steps: the cosine ends (at `end_lr`) here.
+    end_lr: the learning rate at `total_steps`.
 
   Returns:
     `(tx, schedule)`.
   """
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=lr, warmup_steps=warmup_steps,
-      decay_steps=total_steps, end_value=0.0)
+      decay_steps=total_steps, end_value=end_lr)
   mask = decay_mask if config.get("weight_decay_mask", False) else None
   tx = optax.chain(
       optax.clip_by_global_norm(config.grad_clip),

@@ -32,10 +32,11 @@ TrainState = loop.TrainState
 
 
 def create_optimizer(config):
-  """AdamW on `config.lr`, `warmup_steps`, `total_steps` (loop.py)."""
+  """AdamW on `config.lr`, `warmup_steps`, `total_steps`, `lr_end` (loop.py)."""
   return loop.create_optimizer(config, lr=config.lr,
                                warmup_steps=config.warmup_steps,
-                               total_steps=config.total_steps)
+                               total_steps=config.total_steps,
+                               end_lr=config.lr_end)
 
 
 num_dims = config_lib.num_dims
@@ -75,11 +76,59 @@ def create_sharded_state(config, model, tx, mesh):
   return functools.partial(init_fn, rng), abstract, shardings
 
 
+def _microbatches(a: jax.Array, accum: int) -> jax.Array:
+  """`[B, ...]` -> `[accum, B / accum, ...]`, microbatch k = rows k::accum.
+
+  Strided, not contiguous: each device's rows of the batch-sharded array
+  split into `accum` equal parts locally, so every microbatch stays spread
+  over all devices and nothing moves between them.
+  """
+  a = a.reshape(a.shape[0] // accum, accum, *a.shape[1:])
+  return jnp.swapaxes(a, 0, 1)
+
+
+def _loss_and_grads(params, x, labels, rng_drop, *, model, dims: int,
+                    accum: int):
+  """`((loss, out), grads)` of the mean NLL per dim over the batch.
+
+  With `accum > 1` the batch is cut into `accum` microbatches
+  (`_microbatches`) and a `lax.scan` sums their losses and gradients, so
+  only one microbatch's activations are alive at a time; equal microbatch
+  sizes make the mean of their means the full batch's mean. Microbatch k
+  draws label dropout from `fold_in(rng_drop, k)`.
+  """
+  def loss_fn(params, x, labels, rng):
+    out = model.apply({"params": params}, x, labels, train=True,
+                      rngs={"dropout": rng})
+    return -jnp.mean(out["log_prob"]) / dims, out
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum == 1:
+    return grad_fn(params, x, labels, rng_drop)
+
+  def body(carry, xs):
+    loss_sum, grad_sum = carry
+    x_k, labels_k, k = xs
+    (loss, out), grads = grad_fn(params, x_k, labels_k,
+                                 jax.random.fold_in(rng_drop, k))
+    return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), out
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (loss_sum, grad_sum), out = jax.lax.scan(
+      body, (jnp.zeros((), jnp.float32), zeros),
+      (_microbatches(x, accum), _microbatches(labels, accum),
+       jnp.arange(accum)))
+  grads = jax.tree.map(lambda g: g / accum, grad_sum)
+  return (loss_sum / accum, out), grads
+
+
 def train_step(state: TrainState, batch, *, model, tx, schedule, config):
   """One update on the exact NLL of the noise-augmented batch (spec 1, 5).
 
   A non-finite loss or gradient leaves params, optimizer and EMA unchanged
-  (the step counter still advances past the batch) and is counted.
+  (the step counter still advances past the batch) and is counted. With
+  `config.grad_accum_steps > 1` the gradient is accumulated over
+  microbatches (`_loss_and_grads`); the update is the same.
   """
   rng = jax.random.fold_in(state.rng, state.step)
   rng_noise, rng_drop = jax.random.split(rng)
@@ -89,13 +138,9 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, config):
   x = nll.augment(rng_noise, batch["image"], noise, config.noise_schedule)
   x = loop.inject_nonfinite(x, state.step + 1, config.debug_nonfinite_steps)
   dims = num_dims(config)
-
-  def loss_fn(params):
-    out = model.apply({"params": params}, x, batch["label"], train=True,
-                      rngs={"dropout": rng_drop})
-    return -jnp.mean(out["log_prob"]) / dims, out
-
-  (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, out), grads = _loss_and_grads(
+      state.params, x, batch["label"], rng_drop, model=model, dims=dims,
+      accum=config.grad_accum_steps)
   new_state, update_metrics = loop.apply_gradients(
       state, grads, loss, tx=tx, schedule=schedule,
       ema_decay=config.ema_decay)
