@@ -24,7 +24,8 @@ MIB = 2.0 ** 20
 
 
 def measure(size: str, batch_size: int, remat: bool) -> dict:
-  config = bench_lib.sized_config(size, batch_size, remat=remat)
+  config = bench_lib.sized_config(size, batch_size,
+                                  remat="full" if remat else "none")
   step, mesh, _, abstract, batch, _ = bench_lib.train_step_parts(config)
   with bench_lib.sharding.context(mesh, config):
     mem = step.lower(abstract, batch).compile().memory_analysis()

@@ -53,4 +53,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # latent_noise] is issue 14 section 5's follow-up in distill.py.
   config.distill.latent_noise = 0.3
   config.distill.per_block = True  # paper: per-block path matching.
+  # ours: EMA of the student's weights (what load_student returns).
+  config.distill.ema_decay = 0.9 if local else 0.999
   return config

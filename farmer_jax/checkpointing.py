@@ -17,6 +17,7 @@ stay as they were.
 """
 import json
 import os
+import re
 from typing import Optional
 
 from absl import logging
@@ -27,6 +28,7 @@ import orbax.checkpoint as ocp
 
 from farmer_jax import config_lib
 from farmer_jax import sharding
+from farmer_jax.models import flow
 
 CONFIG_FILE = "config.json"
 
@@ -178,13 +180,39 @@ class Checkpointer:
       raise FileNotFoundError(
           f"No checkpoint in {self._manager.directory}; train first.")
     self.check_config(step)
-    restore_args = ocp.checkpoint_utils.construct_restore_args(
-        abstract_params)
+    per_block = self._per_block_parents(step, key)
+    target = abstract_params
+    for path, count in per_block.items():
+      target = _at(target, path, lambda node, n=count: _unstacked(node, n))
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
-            item={key: abstract_params}, restore_args={key: restore_args},
-            partial_restore=True)))["state"]
-    return restored[key], step
+            item={key: target}, restore_args={key: restore_args},
+            partial_restore=True)))["state"][key]
+    for path in per_block:  # runs saved before the flow's blocks were scanned
+      restored = _at(restored, path, flow.stack_blocks)
+    if per_block:
+      restored = jax.tree.map(lambda a, t: jax.device_put(a, t.sharding),
+                              restored, abstract_params)
+    return restored, step
+
+  def _per_block_parents(self, step: int, key: str) -> dict:
+    """`{path: n}` of subtrees of `state[key]` saved as `block0..block{n-1}`
+    (flow blocks before they were stacked); empty for current runs."""
+    meta = self._manager.directory / str(step) / "state" / "_METADATA"
+    if not meta.exists():
+      return {}
+    tree = json.loads(meta.read_text()).get("tree_metadata", {})
+    blocks = {}
+    for entry in tree.values():
+      keys = [k["key"] for k in entry.get("key_metadata", [])]
+      if not keys or keys[0] != key:
+        continue
+      for i, name in enumerate(keys[1:], start=1):
+        if re.fullmatch(r"block\d+", name):
+          blocks.setdefault(tuple(keys[1:i]), set()).add(name)
+          break
+    return {path: len(names) for path, names in blocks.items()}
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -199,6 +227,25 @@ class Checkpointer:
         logging.error("Closing the checkpointer after a failed save: %s", e)
         return
       raise self._save_error("the last step", e) from e
+
+
+def _at(tree: dict, path: tuple, fn) -> dict:
+  """`tree` with the subtree at `path` (dict keys) replaced by `fn(subtree)`."""
+  if not path:
+    return fn(tree)
+  return {**tree, path[0]: _at(tree[path[0]], path[1:], fn)}
+
+
+def _unstacked(node: dict, n: int) -> dict:
+  """Abstract `{'blocks': stacked, ...}` -> `{'block0': ..., ...}` (n blocks)."""
+  def one(a):
+    spec = jax.sharding.PartitionSpec(*tuple(a.sharding.spec)[1:])
+    return jax.ShapeDtypeStruct(
+        a.shape[1:], a.dtype,
+        sharding=jax.sharding.NamedSharding(a.sharding.mesh, spec))
+  rest = {k: v for k, v in node.items() if k != "blocks"}
+  return {**rest, **{f"block{t}": jax.tree.map(one, node["blocks"])
+                     for t in range(n)}}
 
 
 def _position_iterator(iter_dir, data_iter):

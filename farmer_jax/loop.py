@@ -235,8 +235,8 @@ def run(config, workdir: str, task: Task, *,
       writer.write_hparams(config_lib.flatten(config))
       if task.eval_at_start:
         last_eval = task.evaluate(state, writer, 0)
-    logging.info("Steps %d to %d of %d.", first_step + 1,
-                 stop_at_step or task.total_steps, task.total_steps)
+    logging.info("Training from step %d to %d.", first_step,
+                 stop_at_step or task.total_steps)
     return _steps(config, task, checkpointer, state, data_iter, writer,
                   first_step, stop_at_step or task.total_steps, last_eval)
   finally:

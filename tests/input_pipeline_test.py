@@ -286,7 +286,13 @@ def test_tfds_variable_size_images_come_out_at_image_size(tfds_dir):
 
 
 def test_tfds_without_label_is_unconditional(tfds_dir):
+  """Unlabelled data feeds an unconditional model (label 0); a conditional
+  model on it is an error, not class 0 for every image."""
   config = _tfds_config(tfds_dir, name="farmer_pipeline_test_unlabeled")
+  with pytest.raises(ValueError, match="no 'label'|num_classes"):
+    next(input_pipeline.create_train_iterator(
+        config, process_index=0, process_count=1))
+  config.model.num_classes = 0
   batch = next(input_pipeline.create_train_iterator(
       config, process_index=0, process_count=1))
   assert batch["image"].shape == (8, 16, 16, 3)

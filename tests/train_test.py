@@ -5,8 +5,11 @@ import jax
 import numpy as np
 import pytest
 
+import orbax.checkpoint as ocp
+
 import helpers
 from farmer_jax import checkpointing
+from farmer_jax import inference
 from farmer_jax import sharding
 from farmer_jax import train
 from farmer_jax.models import Farmer
@@ -95,3 +98,33 @@ def test_parameters_are_sharded_as_the_rules_say(runs):
   assert len(wi.sharding.device_set) == 8
   shard_shape = wi.addressable_shards[0].data.shape
   assert shard_shape == (wi.shape[0], wi.shape[1] // 4, wi.shape[2])
+
+
+def test_runs_saved_before_the_flow_was_scanned_still_restore(runs,
+                                                              tmp_path):
+  """A checkpoint whose flow params are `block0..block{n-1}` (runs trained
+  before the blocks were stacked) restores into the stacked layout, equal
+  leaf for leaf, onto the caller's mesh."""
+  config, full, *_ = runs
+  run = inference.restore(full)
+  ema = jax.device_get(run.variables["params"])
+  blocks = ema["flow"]["blocks"]
+  n = config.model.af_blocks
+  old = {**ema, "flow": {**{k: v for k, v in ema["flow"].items()
+                            if k != "blocks"},
+                         **{f"block{t}": jax.tree.map(lambda a, t=t: a[t],
+                                                      blocks)
+                            for t in range(n)}}}
+  workdir = tmp_path / "old_run"
+  checkpointing.save_config(config, str(workdir))
+  manager = ocp.CheckpointManager(str(workdir / "checkpoints"))
+  manager.save(12, args=ocp.args.Composite(
+      state=ocp.args.StandardSave({"ema_params": old, "step": 12}),
+      config=ocp.args.JsonSave(checkpointing._model_dict(config))))
+  manager.wait_until_finished()
+  manager.close()
+  again = inference.restore(str(workdir))
+  got = jax.device_get(again.variables["params"])
+  assert jax.tree.structure(got) == jax.tree.structure(ema)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ema)):
+    np.testing.assert_array_equal(a, b)

@@ -220,7 +220,8 @@ class AutoregressiveFlow(nn.Module):
 def apply_block(module: nn.Module, t: int, method: str, x, labels,
                 causal: bool = True):
   """Runs block `t` of a bound module with stacked `blocks` parameters."""
-  params = jax.tree.map(lambda a: a[t], module.variables["params"]["blocks"])
+  params = jax.tree.map(lambda a: a[t],
+                        nn.meta.unbox(module.variables["params"]["blocks"]))
   block = FlowBlock(module.cfg, module.num_tokens, module.token_dim, causal,
                     parent=None)
   return block.apply({"params": params}, x, labels, method=method)
