@@ -33,6 +33,8 @@ _BATCH = flags.DEFINE_integer("batch_size", 64,
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per size.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compile.")
 _MATMUL_N = flags.DEFINE_integer("matmul_n", 2048, "Side of the peak matmul.")
+_SCAN = flags.DEFINE_bool("scan_layers", None,
+                          "config.model.scan_layers (default: the config's).")
 
 
 def measure(size: str, batch_size: int, steps: int, warmup: int,
@@ -43,6 +45,8 @@ def measure(size: str, batch_size: int, steps: int, warmup: int,
   else:
     config = bench_lib.reference_config(size, prior, batch_size)
   batch_size = config.batch_size
+  if _SCAN.value is not None:
+    config.model.scan_layers = _SCAN.value
   step, mesh, init_fn, _, batch, num_params = bench_lib.train_step_parts(
       config)
   with bench_lib.sharding.context(mesh, config):
