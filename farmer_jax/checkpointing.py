@@ -27,7 +27,6 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from farmer_jax import config_lib
-from farmer_jax import sharding
 from farmer_jax.models import flow
 
 CONFIG_FILE = "config.json"
@@ -143,15 +142,23 @@ class Checkpointer:
     ))
     return restored["state"], restored["data_iter"]
 
+  def _saved_paths(self, step: int) -> Optional[list]:
+    """Key paths of the saved state's leaves (from Orbax's `_METADATA`);
+    None if the step has no such file."""
+    meta = self._manager.directory / str(step) / "state" / "_METADATA"
+    if not meta.exists():
+      return None
+    tree = json.loads(meta.read_text()).get("tree_metadata", {})
+    return [[k["key"] for k in entry["key_metadata"]]
+            for entry in tree.values() if entry.get("key_metadata")]
+
   def has_field(self, step: Optional[int], key: str) -> bool:
     """Whether the saved state of `step` (latest if None) has field `key`."""
     step = self.latest_step() if step is None else step
-    meta = self._manager.directory / str(step) / "state" / "_METADATA"
-    if not meta.exists():
+    paths = self._saved_paths(step)
+    if paths is None:
       return True  # let the restore say what is missing
-    tree = json.loads(meta.read_text()).get("tree_metadata", {})
-    return any(entry["key_metadata"][0]["key"] == key
-               for entry in tree.values() if entry.get("key_metadata"))
+    return any(path[0] == key for path in paths)
 
   def restore_state(self, step: Optional[int], abstract_state):
     """The whole train state of `step` (latest if None), no iterator."""
@@ -199,14 +206,9 @@ class Checkpointer:
   def _per_block_parents(self, step: int, key: str) -> dict:
     """`{path: n}` of subtrees of `state[key]` saved as `block0..block{n-1}`
     (flow blocks before they were stacked); empty for current runs."""
-    meta = self._manager.directory / str(step) / "state" / "_METADATA"
-    if not meta.exists():
-      return {}
-    tree = json.loads(meta.read_text()).get("tree_metadata", {})
     blocks = {}
-    for entry in tree.values():
-      keys = [k["key"] for k in entry.get("key_metadata", [])]
-      if not keys or keys[0] != key:
+    for keys in self._saved_paths(step) or []:
+      if keys[0] != key:
         continue
       for i, name in enumerate(keys[1:], start=1):
         if re.fullmatch(r"block\d+", name):
@@ -304,7 +306,3 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
       node.setdefault(key, value(node) if callable(value) else value)
   return ml_collections.ConfigDict(_tuples(raw))
 
-
-# Moved to `sharding` (it builds the restore target's shardings); kept here
-# for callers of the old name.
-abstract_with_shardings = sharding.with_shardings

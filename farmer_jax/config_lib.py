@@ -16,15 +16,16 @@ from typing import Any, Iterable, Optional, Sequence
 
 import ml_collections
 
+from farmer_jax.models import layers
+
 MESH_AXES = ("data", "fsdp", "tensor")
 PRIORS = ("farmer", "gaussian")
 REDUNDANT_PRIORS = ("shared", "token")  # the paper's shared Z^R mixture | ours
 DTYPES = ("float32", "bfloat16")
 # jax.nn.dot_product_attention's implementations ('cudnn': GPU only).
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
-# models/layers.REMAT_POLICIES (a bool is the old on/off switch).
-REMAT_CHOICES = (False, True, "none", "full", "nothing_saveable",
-                 "dots_saveable", "dots_with_no_batch_dims_saveable")
+# The remat policy names (a bool is the old on/off switch).
+REMAT_CHOICES = (False, True) + tuple(layers.REMAT_POLICIES)
 NOISE_SCHEDULES = ("cosine", "constant", "uniform")
 SOURCES = ("mnist", "digits", "tfds", "folder")
 GUIDANCE_RULES = ("resample", "rejection", "closed_form", "none")

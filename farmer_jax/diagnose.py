@@ -39,7 +39,7 @@ from farmer_jax import sampling
 from farmer_jax.models import Farmer
 from farmer_jax.models import gmm
 from farmer_jax.models import patchify
-from farmer_jax.models import student
+from farmer_jax.models import flow
 
 FLAGS = flags.FLAGS
 
@@ -132,7 +132,7 @@ def latent_hybrids(run, images: np.ndarray, labels: np.ndarray,
 def _prior_order_patches(run, x):
   """Pixel patches `[B, N, d]` in the token order of the prior's `z`."""
   p = patchify(x, run.model.config.patch_size)
-  return p[:, ::-1] if student.terminal_flip(run.model.config) else p
+  return p[:, ::-1] if flow.terminal_flip(run.model.config) else p
 
 
 def diagnose(workdir: str, num_images: int = 200, seed: int = 0,

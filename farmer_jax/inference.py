@@ -36,6 +36,7 @@ from farmer_jax import nll
 from farmer_jax import sampling
 from farmer_jax import sharding
 from farmer_jax.models import Farmer
+from farmer_jax.models import init_params
 from farmer_jax.models import unpatchify
 from farmer_jax.models.student import StudentDecoder
 
@@ -120,15 +121,10 @@ def abstract_params(model: Farmer, config, mesh):
 
   Structure-agnostic: whatever tree `model.init` makes is the target.
   """
-  s, c = config.model.image_size, config.model.channels
-
-  def init():
-    rng = jax.random.PRNGKey(0)
-    return model.init({"params": rng, "dropout": rng},
-                      jnp.zeros((1, s, s, c), jnp.float32),
-                      jnp.zeros((1,), jnp.int32))["params"]
-
-  abstract, _ = sharding.abstract_and_shardings(init, mesh, config)
+  rng = jax.random.PRNGKey(0)
+  abstract, _ = sharding.abstract_and_shardings(
+      lambda: init_params(model, {"params": rng, "dropout": rng}), mesh,
+      config)
   return abstract
 
 

@@ -81,7 +81,7 @@ caller jits it with sharded `labels`.
 import dataclasses
 import math
 import numbers
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -359,8 +359,9 @@ def closed_form_cfg(rng: jax.Array, mix_c: gmm.Mixture, mix_u: gmm.Mixture,
   return z
 
 
-def draw_counted(rng: jax.Array, mix_c: gmm.Mixture, mix_u: Optional[gmm.Mixture],
-         opts: SamplingOptions, redundant: bool = False) -> jax.Array:
+def draw_counted(rng: jax.Array, mix_c: gmm.Mixture,
+                 mix_u: Optional[gmm.Mixture], opts: SamplingOptions,
+                 redundant: bool = False) -> Tuple[jax.Array, jax.Array]:
   """One token per leading index of the mixtures under `opts`.
 
   Args:

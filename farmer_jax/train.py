@@ -25,6 +25,7 @@ from farmer_jax import metrics
 from farmer_jax import nll
 from farmer_jax import sharding
 from farmer_jax.models import Farmer
+from farmer_jax.models import init_params
 
 # The shared loop's names, here for callers of the training API.
 NonFiniteError = loop.NonFiniteError
@@ -42,17 +43,10 @@ def create_optimizer(config):
 num_dims = config_lib.num_dims
 
 
-def _dummy_inputs(config, batch: int = 1):
-  s, c = config.model.image_size, config.model.channels
-  return jnp.zeros((batch, s, s, c), jnp.float32), jnp.zeros((batch,), jnp.int32)
-
-
 def init_state(config, model, tx, rng) -> TrainState:
   """The initial state with `LogicallyPartitioned` boxes (for eval_shape)."""
   rng_params, rng_drop, rng_train = jax.random.split(rng, 3)
-  x, labels = _dummy_inputs(config)
-  params = model.init({"params": rng_params, "dropout": rng_drop}, x,
-                      labels)["params"]
+  params = init_params(model, {"params": rng_params, "dropout": rng_drop})
   return loop.new_state(params, tx, rng_train)
 
 

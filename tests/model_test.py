@@ -320,12 +320,13 @@ def test_unrolled_and_rematerialised_models_compute_the_same(overrides):
 def test_old_per_block_checkpoints_convert_to_stacked_blocks():
   """`flow.stack_blocks`: `block0..block{n-1}` -> `blocks` with a leading
   block axis, in block order; stacked trees pass through."""
-  cfg = tiny_model_config(af_blocks=3)
+  n = 11  # block10 sorts before block2 as text: the order must be numeric
+  cfg = tiny_model_config(af_blocks=n)
   model = Farmer(cfg)
   x, labels = images(2), jnp.array([0, 1])
   stacked = init_random(model, x, labels)["params"]["flow"]
   per_block = {f"block{t}": jax.tree.map(lambda a: a[t], stacked["blocks"])
-               for t in range(3)}
+               for t in range(n)}
   back = flow.stack_blocks(per_block)
   assert jax.tree.structure(back) == jax.tree.structure(stacked)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(stacked)):

@@ -1,4 +1,4 @@
 """FARMER model modules: `Farmer`, the flow, the AR prior, mixtures."""
-from farmer_jax.models.farmer import Farmer, patchify, unpatchify
+from farmer_jax.models.farmer import Farmer, init_params, patchify, unpatchify
 
-__all__ = ["Farmer", "patchify", "unpatchify"]
+__all__ = ["Farmer", "init_params", "patchify", "unpatchify"]

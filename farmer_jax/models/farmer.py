@@ -80,7 +80,7 @@ class Farmer(nn.Module):
     """`(log p(Z^I), log p(Z^R | Z^I))` `[B]` each; gaussian: (all, 0)."""
     if self.config.prior == "gaussian":
       z = z.astype(jnp.float32)
-      logp = jnp.sum(-0.5 * z * z - gmm._HALF_LOG_2PI, axis=(1, 2))  # pylint: disable=protected-access
+      logp = jnp.sum(-0.5 * z * z - gmm.HALF_LOG_2PI, axis=(1, 2))
       return logp, jnp.zeros_like(logp)
     return self.prior.log_prob(z, labels, train)
 
@@ -104,3 +104,11 @@ class Farmer(nn.Module):
     logp_i, logp_r = self.prior_terms(z, labels, train)
     return dict(logdet=logdet, logp_I=logp_i, logp_R=logp_r,
                 log_prob=logdet + logp_i + logp_r)
+
+
+def init_params(model: Farmer, rngs):
+  """`model.init` on a one-image dummy batch: the params, still boxed
+  (`nn.LogicallyPartitioned`), so callers can read their logical axes."""
+  cfg = model.config
+  x = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.channels), jnp.float32)
+  return model.init(rngs, x, jnp.zeros((1,), jnp.int32))["params"]

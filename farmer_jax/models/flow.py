@@ -129,7 +129,7 @@ def _flip(x: jax.Array) -> jax.Array:
   return x[:, ::-1]
 
 
-def _to_raster(ys: jax.Array) -> jax.Array:
+def to_raster(ys: jax.Array) -> jax.Array:
   """Stacked per-block outputs `[n, B, N, d]` in block order -> raster order."""
   odd = (jnp.arange(ys.shape[0]) % 2 == 1)[:, None, None, None]
   return jnp.where(odd, ys[:, :, ::-1], ys)
@@ -199,7 +199,7 @@ class AutoregressiveFlow(nn.Module):
     `__call__`'s `z` before the terminal permutation.
     """
     _, ys = self._forward(x, labels, keep_path=True)
-    ys = _to_raster(ys)
+    ys = to_raster(ys)
     return [x.astype(jnp.float32)] + [ys[t] for t in range(ys.shape[0])]
 
   def inverse(self, z, labels):

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class Mixture(NamedTuple):
@@ -37,7 +37,7 @@ def split_head(raw: jax.Array, k: int, d: int, scale_floor: float) -> Mixture:
 def _component_log_probs(z, means, scales):
   """`[..., 1, d]` against `[..., K, d]` -> per-component log N, `[..., K]`."""
   u = (z - means) / scales
-  return jnp.sum(-0.5 * u * u - jnp.log(scales) - _HALF_LOG_2PI, axis=-1)
+  return jnp.sum(-0.5 * u * u - jnp.log(scales) - HALF_LOG_2PI, axis=-1)
 
 
 def log_prob(z: jax.Array, mix: Mixture) -> jax.Array:

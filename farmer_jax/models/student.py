@@ -28,9 +28,6 @@ import jax.numpy as jnp
 from farmer_jax.models import flow
 
 
-terminal_flip = flow.terminal_flip
-
-
 class StudentDecoder(nn.Module):
   """`G`: latents `[B, N, d]` -> tokens `[B, N, d]` in raster order.
 
@@ -71,10 +68,10 @@ class StudentDecoder(nn.Module):
     carry = carry[:, ::-1] if n % 2 else carry  # block n's order
     _, xs = flow.scan_blocks(body, self.cfg, reverse=True)(
         self.blocks, carry, None)
-    xs = flow._to_raster(xs)  # xs[t] = Z^_t
+    xs = flow.to_raster(xs)  # xs[t] = Z^_t
     return [xs[t] for t in reversed(range(n))]
 
   def __call__(self, z, labels):
     """`z [B, N, d]` in the prior's order -> tokens `[B, N, d]`, raster."""
-    z_n = z[:, ::-1] if terminal_flip(self.cfg) else z
+    z_n = z[:, ::-1] if flow.terminal_flip(self.cfg) else z
     return self.path(z_n, labels)[-1]
