@@ -31,7 +31,6 @@ labels)` replaces `Farmer.decode` (`inference.load_decoder` bundles the two
 for `farmer_jax.sample --decoder=student`).
 """
 import functools
-import os
 from typing import Optional
 
 from absl import logging
@@ -40,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from farmer_jax import config_lib
+from farmer_jax import fileio
 from farmer_jax import inference
 from farmer_jax import loop
 from farmer_jax import metrics
@@ -63,7 +63,7 @@ def validate(config, workdir: str) -> None:
   d = config.distill
   req(bool(d.teacher_workdir), "config.distill.teacher_workdir is empty; "
       "set it to the trained teacher's --workdir.")
-  req(os.path.abspath(workdir) != os.path.abspath(d.teacher_workdir),
+  req(fileio.absolute(workdir) != fileio.absolute(d.teacher_workdir),
       f"--workdir={workdir} is config.distill.teacher_workdir; give the "
       "student its own --workdir so the teacher's checkpoints stay intact.")
   req(d.total_steps >= 1, f"config.distill.total_steps={d.total_steps} must "
@@ -238,8 +238,8 @@ class Distiller:
     writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
     logging.info("student eval step %d: %s", step, result)
     if jax.process_index() == 0:
-      metrics.save_png(grid, os.path.join(
-          self.workdir, "images", f"student_reconstructions_{step}.png"))
+      metrics.save_png(grid, fileio.path(self.workdir) / "images" / (
+          f"student_reconstructions_{step}.png"))
     writer.write_images(step, {"student_reconstructions": grid[None]})
     return result
 
