@@ -372,9 +372,11 @@ def test_folder_config_is_modest():
   assert _num_params(config.model) < 5e6
 
 
-def test_check_workdir_accepts_writable_and_gcs(tmp_path):
+def test_check_workdir_accepts_writable_and_gcs(tmp_path, fake_gcs):
   config_lib.check_workdir(str(tmp_path / "new" / "sub"))
+  assert not (tmp_path / "new").exists()  # a local check writes nothing
   config_lib.check_workdir("gs://some-bucket/farmer/run1")
+  assert ("makedirs", "gs://some-bucket/farmer/run1") in fake_gcs.calls
 
 
 def test_check_workdir_rejects_path_under_a_file(tmp_path):
