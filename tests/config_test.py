@@ -362,6 +362,7 @@ def test_imagenet_distill_config(arg):
     assert config.distill.total_steps * config.batch_size == pytest.approx(
         60 * 1_281_167, rel=1e-3)
     assert config.distill.latent_noise == 0.3
+    assert config.distill.latent_noise_dist == "uniform"  # s ~ U[0, 0.3]
   config_lib.validate(config, num_devices=64 if arg != "runlocal" else 1,
                       process_count=16 if arg != "runlocal" else 1)
 
