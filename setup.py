@@ -12,6 +12,9 @@ setuptools.setup(
         "flax>=0.10",
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
+        # One path type for every file a run writes (farmer_jax/fileio.py):
+        # local or gs:// (through tf.io.gfile, below).
+        "etils[epath]",
         "grain>=0.2.10",
         "ml-collections>=1.0",
         "tensorflow-datasets>=4.9.8",

@@ -47,11 +47,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       10 if local else DISTILL_EPOCHS * images // config.batch_size)
   config.distill.lr = 1e-3 if local else 1e-4  # ours: the teacher's peak LR.
   config.distill.warmup_steps = 2 if local else 1_000  # ours.
-  # s in Z~_n = Z_n + s * noise, latent units. Paper: s ~ U[0, 0.3] drawn per
-  # batch; 0.3 is its upper end. farmer_jax/distill.py applies
-  # latent_noise as a fixed s today; the per-batch draw s ~ U[0,
-  # latent_noise] is issue 14 section 5's follow-up in distill.py.
+  # s in Z~_n = Z_n + s * noise, latent units. Paper: s ~ U[0, 0.3], drawn
+  # once per batch ('uniform'; 'fixed' would use s = latent_noise always).
   config.distill.latent_noise = 0.3
+  config.distill.latent_noise_dist = "uniform"
   config.distill.per_block = True  # paper: per-block path matching.
   # ours: EMA of the student's weights (what load_student returns).
   config.distill.ema_decay = 0.9 if local else 0.999

@@ -16,7 +16,6 @@ permission) raises `CheckpointSaveError`, and the steps already complete
 stay as they were.
 """
 import json
-import os
 import re
 from typing import Optional
 
@@ -27,6 +26,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from farmer_jax import config_lib
+from farmer_jax import fileio
 from farmer_jax.models import flow
 
 CONFIG_FILE = "config.json"
@@ -51,8 +51,7 @@ class Checkpointer:
     self._config = config
     self._manager = ocp.CheckpointManager(
         # Orbax's TensorStore writer needs an absolute local path.
-        os.path.join(workdir if "://" in workdir else os.path.abspath(
-            workdir), "checkpoints"),
+        fileio.path(fileio.absolute(workdir)) / "checkpoints",
         options=ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else config.keep_ckpts,
             enable_async_checkpointing=not read_only,
@@ -274,11 +273,9 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes the run's config as `<workdir>/config.json` (process 0 only)."""
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(tmp, os.path.join(workdir, CONFIG_FILE))  # never half-written
+  fileio.write_text(fileio.path(workdir) / CONFIG_FILE,
+                    config.to_json_best_effort(indent=2, sort_keys=True),
+                    atomic=True)  # never half-written
 
 
 def _tuples(value):
@@ -291,15 +288,14 @@ def _tuples(value):
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run in `workdir` was trained with (`config_lib.ADDED_KEYS`
   filled in for runs older than a key)."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = fileio.path(workdir) / CONFIG_FILE
+  if not path.exists():
     raise FileNotFoundError(
         f"{path} does not exist: {workdir} holds no training run (it is "
         "written when `python -m farmer_jax.main` starts). Pass the run's "
         "--workdir, or --config=configs/<name>.py for a run made before "
         "config.json existed.")
-  with open(path) as f:
-    raw = json.load(f)
+  raw = fileio.read_json(path)
   for section, defaults in config_lib.ADDED_KEYS.items():
     node = raw.setdefault(section, {}) if section else raw
     for key, value in defaults.items():

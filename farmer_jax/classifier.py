@@ -17,8 +17,6 @@ random shifts, dropout and weight decay keep the small training split from
 being memorised.
 """
 import functools
-import json
-import os
 from typing import Any, Sequence, Tuple
 
 from absl import logging
@@ -30,6 +28,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from farmer_jax import fileio
 from farmer_jax import input_pipeline
 
 _DIR = "classifier"
@@ -169,19 +168,17 @@ def load_or_train(config, workdir: str):
         "No sample-quality classifier for this config: it needs "
         "config.classifier.steps > 0 and config.model.num_classes >= 2.")
   model = CNN(config.model.num_classes)
-  path = os.path.join(workdir, _DIR)
-  weights, meta = os.path.join(path, "params.msgpack"), os.path.join(
-      path, "info.json")
-  if os.path.exists(meta):
-    with open(meta) as f:
-      info = json.load(f)
+  path = fileio.path(workdir) / _DIR
+  weights, meta = path / "params.msgpack", path / "info.json"
+  if meta.exists():
+    info = fileio.read_json(meta)
     recipe = _recipe(config)
     if {k: info.get(k) for k in recipe} == recipe:
       s, c = config.model.image_size, config.model.channels
-      template = model.init(jax.random.PRNGKey(0),
-                            jnp.zeros((1, s, s, c), jnp.uint8))["params"]
-      with open(weights, "rb") as f:
-        params = flax.serialization.from_bytes(template, f.read())
+      # Shapes only: the restore needs the tree, not initial values.
+      template = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                                jnp.zeros((1, s, s, c), jnp.uint8))["params"]
+      params = flax.serialization.from_bytes(template, weights.read_bytes())
       return model, params, info
   logging.info("Training the sample-quality classifier (%d steps)...",
                config.classifier.steps)
@@ -189,11 +186,9 @@ def load_or_train(config, workdir: str):
   info = dict(_recipe(config), test_accuracy=acc)
   logging.info("Classifier test accuracy: %.4f", acc)
   if jax.process_index() == 0:
-    os.makedirs(path, exist_ok=True)
-    with open(weights, "wb") as f:
-      f.write(flax.serialization.to_bytes(params))
-    with open(meta, "w") as f:  # written last: marks the cache complete
-      json.dump(info, f)
+    fileio.write_bytes(weights, flax.serialization.to_bytes(params))
+    # Written last: marks the cache complete.
+    fileio.write_json(meta, info, indent=None)
   return model, params, info
 
 

@@ -5,7 +5,8 @@
 * `validate` checks a whole config against the device count before anything
   is built; each `ConfigError` names the field and says how to fix it.
 * `resolve_mesh_shape` fills in the one -1 of `config.mesh_shape`.
-* `check_workdir` fails early when a local --workdir cannot be written.
+* `check_workdir` fails early when --workdir (local or gs://) cannot be
+  written.
 * `derived` computes the values that follow from the config (batch per host
   and device, tokens, token dim) so the trainer logs them once.
 * `flatten` turns a config into flat scalars for hyperparameter logging.
@@ -13,9 +14,11 @@
 import math
 import os
 from typing import Any, Iterable, Optional, Sequence
+import uuid
 
 import ml_collections
 
+from farmer_jax import fileio
 from farmer_jax.models import layers
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -273,7 +276,7 @@ def _check_inception(inc) -> None:
   _require(inc.num_real == -1 or inc.num_real >= 2,
            f"config.inception.num_real={inc.num_real!r}: FID needs at least 2 "
            "real images; set it to -1 (the whole split) or >= 2.")
-  _require(not inc.weights or os.path.isfile(inc.weights),
+  _require(not inc.weights or fileio.path(inc.weights).is_file(),
            f"config.inception.weights={inc.weights!r} is not a file; make it "
            "with `python -m farmer_jax.inception --out=PATH` or set it to '' "
            "(no FID / IS).")
@@ -491,17 +494,22 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
 
 
 def check_workdir(workdir: str) -> None:
-  """Fails early if a local --workdir cannot be created or written.
+  """Fails early if --workdir cannot be created or written.
 
-  gs:// paths are accepted as they are (their access is checked on write).
+  A local path is checked without writing anything: its nearest existing
+  ancestor must be a directory this user may write. A remote one (gs://...)
+  cannot be checked that way, so it is created and a probe file is written
+  to it and removed: the bucket must exist and this machine's credentials
+  must allow writes.
 
   Raises:
     ConfigError: naming --workdir and the fix.
   """
-  if workdir.startswith("gs://"):
-    return
   _require(bool(workdir), "--workdir is empty; pass a directory to write "
            "checkpoints and logs to.")
+  if fileio.is_remote(workdir):
+    _check_remote_workdir(workdir)
+    return
   path = os.path.abspath(workdir)
   existing = path
   while not os.path.exists(existing):
@@ -512,6 +520,28 @@ def check_workdir(workdir: str) -> None:
   _require(os.access(existing, os.W_OK | os.X_OK),
            f"--workdir={workdir}: {existing} is not writable by this user; "
            "choose a writable --workdir or fix the directory's permissions.")
+
+
+def _check_remote_workdir(workdir: str) -> None:
+  """Creates `workdir` and writes and removes a probe file in it."""
+  path = fileio.path(workdir)
+  # One name per call: every process of a pod probes at once.
+  probe = path / f".write_check_{uuid.uuid4().hex}"
+  try:
+    _require(not path.exists() or path.is_dir(),
+             f"--workdir={workdir} is a file, so the directory cannot be "
+             "created; choose another --workdir.")
+    path.mkdir(parents=True, exist_ok=True)
+    probe.write_text("")
+    probe.unlink()
+  except ConfigError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # gfile, fsspec, ...
+    raise ConfigError(
+        f"--workdir={workdir} cannot be written ({type(e).__name__}: {e}); "
+        "check that the bucket exists and that this machine's account may "
+        f"create objects in it (`gcloud storage ls {workdir}`; role Storage "
+        "Object Admin), or choose another --workdir.") from e
 
 
 # --------------------------------------------------------------- derived ---

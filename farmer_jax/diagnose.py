@@ -23,7 +23,6 @@ the test bits/dim split. Writes `<out>/diagnosis.json` and
 """
 import functools
 import json
-import os
 
 from absl import app
 from absl import flags
@@ -32,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from farmer_jax import classifier
+from farmer_jax import fileio
 from farmer_jax import inference
 from farmer_jax import metrics
 from farmer_jax import nll
@@ -140,7 +140,7 @@ def diagnose(workdir: str, num_images: int = 200, seed: int = 0,
   """Everything the CLI reports, as a dict (also written as JSON + PNG)."""
   run = inference.restore(workdir, mesh_shape=inference.parse_mesh(mesh))
   config = run.config
-  out = out or os.path.join(workdir, "diagnosis")
+  out = out or fileio.path(workdir) / "diagnosis"
   images, labels = classifier.real_images(config, config.data.eval_split,
                                           limit=num_images)
   model, params, info = classifier.load_or_train(config, workdir)
@@ -155,12 +155,16 @@ def diagnose(workdir: str, num_images: int = 200, seed: int = 0,
                 classifier_test_accuracy=info["test_accuracy"],
                 hybrids=rows, latents=stats)
   grid = np.concatenate([images[:16]] + [v[:16] for v in hybrids.values()])
-  os.makedirs(out, exist_ok=True)
-  metrics.save_png(metrics.make_grid(grid, ncol=16),
-                      os.path.join(out, "diagnosis.png"))
-  with open(os.path.join(out, "diagnosis.json"), "w") as f:
-    json.dump(result, f, indent=2)
+  if jax.process_index() == 0:
+    write(out, result, metrics.make_grid(grid, ncol=16))
   return result
+
+
+def write(out, result: dict, grid: np.ndarray) -> None:
+  """`<out>/diagnosis.json` and `<out>/diagnosis.png` (local or gs://)."""
+  out = fileio.path(out)
+  metrics.save_png(grid, out / "diagnosis.png")
+  fileio.write_json(out / "diagnosis.json", result)
 
 
 def main(argv) -> None:

@@ -4,9 +4,12 @@ The frozen teacher (a trained FARMER workdir, EMA params) runs its parallel
 **forward** path on data, `Z_0 = x, Z_1, ..., Z_n = z` (`flow.path`). The
 student `G` (`models/student.py`: the teacher's blocks with bidirectional
 attention, initialised from the teacher's `params['flow']`) reads the path
-backwards: from the noised latent `Z~_n = Z_n + latent_noise * eps` its block
-`t` maps `Z_{t+1} -> Z_t` in one parallel pass, so decoding costs `n` passes
-instead of `n x N` sequential token steps. Loss (`config.distill.per_block`):
+backwards: from the noised latent `Z~_n = Z_n + s * eps` its block `t` maps
+`Z_{t+1} -> Z_t` in one parallel pass, so decoding costs `n` passes instead
+of `n x N` sequential token steps. The noise scale `s` is
+`config.distill.latent_noise` (`latent_noise_dist='fixed'`), or drawn per
+batch as `s ~ U[0, latent_noise]` ('uniform', the paper's U[0, 0.3]).
+Loss (`config.distill.per_block`):
 
   True   mean over blocks of MSE(student output of block t, teacher Z_t),
          along the student's own chain (per-block path matching);
@@ -31,7 +34,6 @@ labels)` replaces `Farmer.decode` (`inference.load_decoder` bundles the two
 for `farmer_jax.sample --decoder=student`).
 """
 import functools
-import os
 from typing import Optional
 
 from absl import logging
@@ -40,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from farmer_jax import config_lib
+from farmer_jax import fileio
 from farmer_jax import inference
 from farmer_jax import loop
 from farmer_jax import metrics
@@ -48,6 +51,11 @@ from farmer_jax import sharding
 from farmer_jax.models import Farmer
 from farmer_jax.models import patchify
 from farmer_jax.models.student import StudentDecoder
+
+
+# How the student's input-noise scale s is chosen per batch
+# (config.distill.latent_noise_dist; runs made before it existed: 'fixed').
+LATENT_NOISE_DISTS = ("fixed", "uniform")
 
 
 def is_distill_config(config) -> bool:
@@ -63,7 +71,7 @@ def validate(config, workdir: str) -> None:
   d = config.distill
   req(bool(d.teacher_workdir), "config.distill.teacher_workdir is empty; "
       "set it to the trained teacher's --workdir.")
-  req(os.path.abspath(workdir) != os.path.abspath(d.teacher_workdir),
+  req(fileio.absolute(workdir) != fileio.absolute(d.teacher_workdir),
       f"--workdir={workdir} is config.distill.teacher_workdir; give the "
       "student its own --workdir so the teacher's checkpoints stay intact.")
   req(d.total_steps >= 1, f"config.distill.total_steps={d.total_steps} must "
@@ -73,6 +81,10 @@ def validate(config, workdir: str) -> None:
   req(d.lr > 0, f"config.distill.lr={d.lr} must be > 0.")
   req(d.latent_noise >= 0, f"config.distill.latent_noise={d.latent_noise} "
       "must be >= 0.")
+  dist = d.get("latent_noise_dist", "fixed")
+  req(dist in LATENT_NOISE_DISTS, f"config.distill.latent_noise_dist={dist!r} "
+      f"is not one of {LATENT_NOISE_DISTS}; set it to 'fixed' (s = "
+      "latent_noise) or 'uniform' (s ~ U[0, latent_noise] per batch).")
 
 
 def create_optimizer(config):
@@ -97,9 +109,30 @@ def teacher_path(model: Farmer, teacher_params, x, labels):
   return jax.lax.stop_gradient(path)
 
 
-def distill_loss(student, params, path, labels, rng, latent_noise: float,
+def latent_noise_scale(rng, latent_noise: float, dist: str) -> jax.Array:
+  """The student's input-noise scale `s` of one batch, a scalar.
+
+  Args:
+    rng: the batch's key (used by 'uniform' only).
+    latent_noise: the fixed `s`, or the upper end of its range.
+    dist: 'fixed' (`s = latent_noise`) or 'uniform' (`s ~ U[0,
+      latent_noise]`: one draw per batch, as the paper's U[0, 0.3], so the
+      student learns to decode latents at every noise level up to it).
+  """
+  if dist == "fixed":
+    return jnp.asarray(latent_noise, jnp.float32)
+  if dist == "uniform":
+    return jax.random.uniform(rng, (), jnp.float32, 0.0, latent_noise)
+  raise ValueError(f"latent_noise_dist={dist!r} is not one of "
+                   f"{LATENT_NOISE_DISTS}.")
+
+
+def distill_loss(student, params, path, labels, rng, latent_noise,
                  per_block: bool):
-  """Spec section 8 loss; returns `(loss, [MSE of blocks n-1 .. 0])`."""
+  """Spec section 8 loss; returns `(loss, [MSE of blocks n-1 .. 0])`.
+
+  `latent_noise` is this batch's `s` (`latent_noise_scale`).
+  """
   z_n = path[-1] + latent_noise * jax.random.normal(rng, path[-1].shape)
   outputs = student.apply({"params": params}, z_n, labels,
                           method=StudentDecoder.path)
@@ -122,16 +155,20 @@ def distill_step(state: loop.TrainState, teacher_params, batch, *, model,
   x = loop.inject_nonfinite(x, state.step + 1, config.debug_nonfinite_steps)
   path = teacher_path(model, teacher_params, x, batch["label"])
   d = config.distill
+  # A key of its own (fold_in), so 'fixed' keeps its earlier noise draws.
+  s = latent_noise_scale(jax.random.fold_in(rng_latent, 1), d.latent_noise,
+                         d.get("latent_noise_dist", "fixed"))
   (loss, mses), grads = jax.value_and_grad(distill_loss, argnums=1,
                                            has_aux=True)(
-      student, state.params, path, batch["label"], rng_latent,
-      d.latent_noise, d.per_block)
+      student, state.params, path, batch["label"], rng_latent, s,
+      d.per_block)
   new_state, update_metrics = loop.apply_gradients(
       state, grads, loss, tx=tx, schedule=schedule,
       ema_decay=d.get("ema_decay", 0.0))
   n = len(mses)
   step_metrics = dict(
-      loss=loss, recon_rmse_noisy=jnp.sqrt(mses[-1]), **update_metrics,
+      loss=loss, recon_rmse_noisy=jnp.sqrt(mses[-1]), latent_noise=s,
+      **update_metrics,
       **{f"mse_block{n - 1 - k}": m for k, m in enumerate(mses)})
   return new_state, step_metrics
 
@@ -238,8 +275,8 @@ class Distiller:
     writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
     logging.info("student eval step %d: %s", step, result)
     if jax.process_index() == 0:
-      metrics.save_png(grid, os.path.join(
-          self.workdir, "images", f"student_reconstructions_{step}.png"))
+      metrics.save_png(grid, fileio.path(self.workdir) / "images" / (
+          f"student_reconstructions_{step}.png"))
     writer.write_images(step, {"student_reconstructions": grid[None]})
     return result
 

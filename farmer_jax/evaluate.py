@@ -39,8 +39,8 @@ ImageNet configs have no classifier (`classifier.steps = 0`); without
 Inception weights the sample metrics are skipped and the JSON says why.
 """
 import functools
+import io
 import json
-import os
 
 from absl import app
 from absl import flags
@@ -51,6 +51,7 @@ import numpy as np
 
 from farmer_jax import classifier
 from farmer_jax import config_lib
+from farmer_jax import fileio
 from farmer_jax import inception
 from farmer_jax import inference
 from farmer_jax import input_pipeline
@@ -161,11 +162,11 @@ def inception_reference(run, split: str, ev, num_real: int):
   n = len(source) if num_real < 0 else min(num_real, len(source))
   # A fixed random subset: TFDS splits may be stored sorted by class.
   index = np.sort(np.random.default_rng(0).permutation(len(source))[:n])
-  path = os.path.join(run.workdir, "inception", f"ref_{split}_{n}.npz")
-  if os.path.exists(path):
-    with np.load(path) as f:
-      if str(f["weights_id"]) == ev.weights_id:
-        return f["mu"], f["sigma"]
+  path = fileio.path(run.workdir) / "inception" / f"ref_{split}_{n}.npz"
+  if path.exists():
+    cached = fileio.load_npz(path)
+    if str(cached["weights_id"]) == ev.weights_id:
+      return cached["mu"], cached["sigma"]
   logging.info("Inception reference statistics of %d %s images...", n, split)
   chunk = 10 * ev.batch_size
 
@@ -176,22 +177,20 @@ def inception_reference(run, split: str, ev, num_real: int):
 
   mu, sigma = ev.moments(chunks()).stats()
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez(path + ".tmp.npz", mu=mu, sigma=sigma, weights_id=ev.weights_id)
-    os.replace(path + ".tmp.npz", path)
+    fileio.save_npz(path, atomic=True, mu=mu, sigma=sigma,
+                    weights_id=ev.weights_id)
   return mu, sigma
 
 
-def write_sweep(rows: list, path_prefix: str) -> None:
-  """`rows` as CSV and as a plot: one panel per metric vs w."""
+def write_sweep(rows: list, path_prefix) -> None:
+  """`rows` as CSV and as a plot (`<prefix>.csv`, `.png`; local or gs://):
+  one panel per metric vs w."""
   names = [k for k in ("accuracy", "frechet", "fid", "inception_score")
            if k in rows[0]]
-  with open(path_prefix + ".csv", "w") as f:
-    f.write(",".join(["cfg_scale"] + names + ["num_samples"]) + "\n")
-    for r in rows:
-      f.write(",".join([str(r["cfg_scale"])]
-                       + [f"{r[k]:.4f}" for k in names]
-                       + [str(r["num_samples"])]) + "\n")
+  lines = [",".join(["cfg_scale"] + names + ["num_samples"])]
+  lines += [",".join([str(r["cfg_scale"])] + [f"{r[k]:.4f}" for k in names]
+                     + [str(r["num_samples"])]) for r in rows]
+  fileio.write_text(f"{path_prefix}.csv", "\n".join(lines) + "\n")
   ws = [r["cfg_scale"] for r in rows]
   labels = dict(accuracy="sample class accuracy",
                 frechet="Fréchet distance (classifier)",
@@ -204,7 +203,9 @@ def write_sweep(rows: list, path_prefix: str) -> None:
     ax.plot(ws, [r[k] for r in rows], "o-")
     ax.set(xlabel="cfg scale w", ylabel=labels[k])
   fig.tight_layout()
-  fig.savefig(path_prefix + ".png", dpi=100)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=100)
+  fileio.write_bytes(f"{path_prefix}.png", buffer.getvalue())
 
 
 def _suffix(name: str, value) -> str:
@@ -257,7 +258,7 @@ def evaluate(workdir: str, *, step=None, split=None, num_samples=None,
   # Non-default decoders and sampling options get their own files.
   suffix = ("_student" if decoder else "") + "".join(
       _suffix(k, v) for k, v in options.items() if k in overrides)
-  os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+  eval_dir = fileio.path(workdir) / "eval"
   n = config.sample.num_eval_samples if num_samples is None else num_samples
   has_clf = config.classifier.steps > 0 and config.model.num_classes >= 2
   if not has_clf:
@@ -304,11 +305,10 @@ def evaluate(workdir: str, *, step=None, split=None, num_samples=None,
               "(convert NVlabs' inception-2015-12-05.pt for IS)"))
     if sweep:
       result["cfg_sweep"] = rows
-      write_sweep(rows, os.path.join(workdir, "eval",
-                                     f"cfg_sweep_{run.step}{suffix}"))
-  with open(os.path.join(workdir, "eval", f"{run.step}{suffix}.json"),
-            "w") as f:
-    json.dump(result, f, indent=2)
+      if jax.process_index() == 0:
+        write_sweep(rows, eval_dir / f"cfg_sweep_{run.step}{suffix}")
+  if jax.process_index() == 0:  # every process holds the same result
+    fileio.write_json(eval_dir / f"{run.step}{suffix}.json", result)
   return result
 
 

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from farmer_jax import classifier
+from farmer_jax import fileio
 
 SIZE = 299
 NUM_FEATURES = 2048
@@ -263,15 +264,21 @@ def load(path: str):
     WeightsError: unreadable file, or missing / unexpected / misshapen
       arrays (all named).
   """
-  if not path or not os.path.isfile(path):
+  if not path or not fileio.path(path).is_file():
     raise WeightsError(
         f"Inception weights not found: {path!r}. Make them with "
         "`python -m farmer_jax.inception --out=PATH` (README 'FID and IS').")
   try:
-    with np.load(path) as f:
-      arrays = {k: np.asarray(f[k], np.float32) for k in f.files}
+    arrays = {k: np.asarray(v, np.float32)
+              for k, v in fileio.load_npz(path).items()}
   except Exception as e:  # pylint: disable=broad-except
     raise WeightsError(f"Cannot read Inception weights {path}: {e}") from e
+  return from_arrays(arrays, path)
+
+
+def from_arrays(arrays: dict, path: str):
+  """The arrays of a weights `.npz` (named `path` in errors) -> `(module,
+  params)`; WeightsError naming what is missing / unexpected / misshapen."""
   with_logits = "output.weight" in arrays
   expected = expected_keys(with_logits)
   missing = sorted(set(expected) - set(arrays))
@@ -351,8 +358,7 @@ class Evaluator:
     self.with_logits = module.with_logits
     self.batch_size = batch_size
     self._apply = make_apply(module, params)
-    stat = os.stat(weights)
-    self.weights_id = f"{os.path.abspath(weights)}:{stat.st_size}"
+    self.weights_id = f"{fileio.absolute(weights)}:{fileio.size(weights)}"
 
   def features(self, images: np.ndarray):
     """`(features [B, 2048], logits [B, 1008] or None)`, fixed-size calls."""
@@ -430,11 +436,8 @@ def convert(src: str, out: str) -> dict:
     else:
       continue  # e.g. buffers of the wrapper
     arrays[key] = value.detach().cpu().numpy().astype(np.float32)
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  tmp = out + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  load(tmp)  # refuses anything that is not the whole network
-  os.replace(tmp, out)
+  from_arrays(arrays, out)  # refuses anything that is not the whole network
+  fileio.save_npz(out, atomic=True, **arrays)
   return dict(out=out, arrays=len(arrays), with_logits="output.weight" in arrays)
 
 

@@ -19,7 +19,8 @@ another shape. `config.data.source` picks one of:
   'folder'  `config.data.folder` with one sub-folder per class (sorted names
             give labels 0..K-1) of png/jpg/jpeg/bmp/webp files. If it has
             'train' and 'test' sub-folders, those are the splits; otherwise a
-            fixed 10% of the files (seed 0) is held out as 'test'.
+            fixed 10% of the files (seed 0) is held out as 'test'. A local
+            folder or a bucket (gs://...).
 
 Bad data in a 'folder' source is handled when the source is built, so a
 training run never sees a malformed batch:
@@ -51,7 +52,7 @@ import concurrent.futures
 import functools
 import gzip
 import importlib.resources
-import os
+import io
 from typing import Any
 
 from absl import flags
@@ -61,6 +62,8 @@ import jax
 import ml_collections
 import numpy as np
 from PIL import Image
+
+from farmer_jax import fileio
 
 # Embedded splits use a fixed permutation so 'test' never changes with the
 # training seed (otherwise test images would leak into training across runs).
@@ -110,7 +113,7 @@ class FolderSource:
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     path = self.paths[index]
     try:
-      with Image.open(path) as image:
+      with open_image(path) as image:
         pixels = np.asarray(image.convert(self.mode))
     except Exception as e:  # pylint: disable=broad-except  # PIL: many types.
       # Verified at start-up, so the file changed under the running job:
@@ -282,22 +285,26 @@ def _check_num_classes(config, label_feature, name: str) -> None:
         f"{num_classes}.")
 
 
-def _list_images(class_root: str, class_names: list[str]):
+def open_image(path) -> Image.Image:
+  """PIL's image of the file at `path` (local or gs://), not yet decoded."""
+  return Image.open(io.BytesIO(fileio.path(path).read_bytes()))
+
+
+def _list_images(class_root, class_names: list[str]):
   """Sorted (path, label) pairs of image files under class_root/<class>/."""
   pairs = []
   for label, class_name in enumerate(class_names):
-    class_dir = os.path.join(class_root, class_name)
-    if not os.path.isdir(class_dir):  # e.g. a class missing from 'test'.
+    class_dir = fileio.path(class_root) / class_name
+    if not class_dir.is_dir():  # e.g. a class missing from 'test'.
       continue
-    names = sorted(n for n in os.listdir(class_dir)
-                   if n.lower().endswith(IMAGE_EXTENSIONS))
-    pairs.extend((os.path.join(class_dir, n), label) for n in names)
+    names = sorted(p.name for p in class_dir.iterdir()
+                   if p.name.lower().endswith(IMAGE_EXTENSIONS))
+    pairs.extend((str(class_dir / n), label) for n in names)
   return pairs
 
 
-def _class_names(root: str) -> list[str]:
-  return sorted(n for n in os.listdir(root)
-                if os.path.isdir(os.path.join(root, n)))
+def _class_names(root) -> list[str]:
+  return sorted(p.name for p in fileio.path(root).iterdir() if p.is_dir())
 
 
 def _folder_split(folder: str, split: str):
@@ -307,13 +314,12 @@ def _folder_split(folder: str, split: str):
         f"Split {split!r} (config.data.train_split / config.data.eval_split) "
         "does not exist for config.data.source='folder'; use 'train' or "
         "'test'.")
-  has_splits = all(os.path.isdir(os.path.join(folder, s))
-                   for s in ("train", "test"))
-  if has_splits:
-    class_names = _class_names(os.path.join(folder, "train"))
-    return class_names, _list_images(os.path.join(folder, split), class_names)
-  class_names = _class_names(folder)
-  pairs = _list_images(folder, class_names)
+  root = fileio.path(folder)
+  if all((root / s).is_dir() for s in ("train", "test")):
+    class_names = _class_names(root / "train")
+    return class_names, _list_images(root / split, class_names)
+  class_names = _class_names(root)
+  pairs = _list_images(root, class_names)
   num_test = int(round(_FOLDER_TEST_FRACTION * len(pairs)))
   if len(pairs) >= 2:
     num_test = max(num_test, 1)
@@ -325,9 +331,10 @@ def _folder_split(folder: str, split: str):
 def _is_valid_image(path: str) -> bool:
   """Whether PIL can verify and fully decode the file."""
   try:
-    with Image.open(path) as image:
+    data = fileio.path(path).read_bytes()
+    with Image.open(io.BytesIO(data)) as image:
       image.verify()  # checks structure and checksums; leaves image unusable.
-    with Image.open(path) as image:
+    with Image.open(io.BytesIO(data)) as image:
       image.load()  # catches truncated data that verify() lets through.
     return True
   except Exception:  # pylint: disable=broad-except  # PIL raises many types.
@@ -353,11 +360,11 @@ def _verified_folder_split(folder: str, split: str):
 def _folder_source(config, split: str) -> FolderSource:
   """Verified images of config.data.folder (see the module docstring)."""
   folder = config.data.folder
-  if not folder or not os.path.isdir(folder):
+  if not folder or not fileio.path(folder).is_dir():
     raise ValueError(f"config.data.folder={folder!r} is not a directory; "
                      "point it at a folder with one sub-folder per class.")
   class_names, paths, labels = _verified_folder_split(
-      os.path.abspath(folder), split)
+      fileio.absolute(folder), split)
   if not paths:
     raise ValueError(
         f"config.data.folder={folder!r} has no readable "

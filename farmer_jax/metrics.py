@@ -10,8 +10,8 @@ A class-conditional model is also a classifier by Bayes' rule with a uniform
 class prior: `argmax_c log p(x | c)` (`class_log_probs`, `bayes_accuracy`),
 on the same dequantised images as the bits/dim.
 """
+import io
 import math
-import os
 
 import jax
 from jax.experimental import multihost_utils
@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from farmer_jax import classifier
+from farmer_jax import fileio
 from farmer_jax import input_pipeline
 from farmer_jax import nll
 from farmer_jax.models import Farmer
@@ -196,6 +197,9 @@ def make_grid(images: np.ndarray, ncol: int = 0, pad: int = 1) -> np.ndarray:
   return grid
 
 
-def save_png(grid: np.ndarray, path: str) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+def save_png(grid: np.ndarray, path) -> None:
+  """uint8 `[H, W, C]` as a PNG at `path` (local or gs://), folders made."""
+  buffer = io.BytesIO()
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(
+      buffer, format="PNG")
+  fileio.write_bytes(path, buffer.getvalue())

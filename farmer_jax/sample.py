@@ -23,6 +23,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from farmer_jax import fileio
 from farmer_jax import inference
 from farmer_jax import metrics
 
@@ -62,6 +63,16 @@ def sample_labels(labels, num_classes: int, num_samples: int):
   return np.resize(np.asarray(classes, np.int32), num_samples)
 
 
+def save(images: np.ndarray, labels: np.ndarray, out, ncol: int):
+  """The PNG grid at `out` and the arrays at `out` with `.npz` (local or
+  gs://); returns both paths."""
+  out = fileio.path(out)
+  npz = out.with_suffix(".npz")
+  metrics.save_png(metrics.make_grid(images, ncol=ncol), out)
+  fileio.save_npz(npz, compressed=True, images=images, labels=labels)
+  return out, npz
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -83,13 +94,11 @@ def main(argv) -> None:
                               denoise=denoise, progress=True, stats=stats,
                               **overrides)
   w = overrides.get("cfg_scale", run.config.sample.cfg_scale)
-  out = FLAGS.out or os.path.join(FLAGS.workdir, "samples",
-                                  f"samples_{run.step}_w{w:g}.png")
+  out = FLAGS.out or fileio.path(FLAGS.workdir) / "samples" / (
+      f"samples_{run.step}_w{w:g}.png")
   ncol = min(len(FLAGS.labels or range(max(run.config.model.num_classes, 1))),
              len(images))
-  metrics.save_png(metrics.make_grid(images, ncol=ncol), out)
-  npz = os.path.splitext(out)[0] + ".npz"
-  np.savez_compressed(npz, images=images, labels=labels)
+  out, npz = save(images, labels, out, ncol)
   logging.info("Wrote %s and %s", out, npz)
   print(f"{out}\n{npz}")
   print(f"guidance fallbacks: {stats['guidance_fallbacks']} latent "

@@ -20,7 +20,6 @@ import functools
 import io
 import json
 import math
-import os
 import sys
 from typing import List, Tuple
 
@@ -29,9 +28,9 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from farmer_jax import config_lib
+from farmer_jax import fileio
 from farmer_jax import inference
 from farmer_jax import input_pipeline
 from farmer_jax import nll
@@ -58,9 +57,9 @@ def list_files(paths: List[str]) -> List[str]:
   """Files as given, folders expanded (recursively) to their image files."""
   out = []
   for path in paths:
-    if os.path.isdir(path):
-      for root, _, names in sorted(os.walk(path)):
-        out += [os.path.join(root, n) for n in sorted(names)
+    if fileio.path(path).is_dir():
+      for root, _, names in sorted(fileio.path(path).walk()):
+        out += [str(root / n) for n in sorted(names)
                 if n.lower().endswith(_EXTENSIONS)]
     else:
       out.append(path)
@@ -70,7 +69,7 @@ def list_files(paths: List[str]) -> List[str]:
 def load_image(path: str, size: int, channels: int) -> np.ndarray:
   """uint8 `[size, size, channels]`, or ValueError saying what is wrong."""
   try:
-    with Image.open(path) as im:
+    with input_pipeline.open_image(path) as im:
       im.load()
       mode = im.mode
       if mode in ("L", "RGB"):
@@ -185,8 +184,7 @@ def main(argv) -> None:
                      batch_size=FLAGS.batch_size, seed=FLAGS.seed)
   text = format_rows(rows, FLAGS.format)
   if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
-      f.write(text)
+    fileio.write_text(FLAGS.out, text)
   else:
     sys.stdout.write(text)
   bad = sum(r["error"] != "" for r in rows)

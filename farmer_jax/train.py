@@ -8,7 +8,6 @@ evaluation is exact test bits/dim plus reconstruction and sample grids.
 """
 import functools
 import math
-import os
 from typing import Optional
 
 from absl import logging
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from farmer_jax import config_lib
+from farmer_jax import fileio
 from farmer_jax import inference
 from farmer_jax import loop
 from farmer_jax import metrics
@@ -204,8 +204,8 @@ class Trainer:
                                   batch["label"][:n])["recon"]
     grid = metrics.make_grid(metrics.to_host(nll.to_uint8(recon)))
     if jax.process_index() == 0:
-      metrics.save_png(grid, os.path.join(self.workdir, "images",
-                                          f"reconstructions_{step}.png"))
+      metrics.save_png(grid, fileio.path(self.workdir) / "images" /
+                       f"reconstructions_{step}.png")
     writer.write_images(step, {"reconstructions": grid[None]})
     n = self.config.sample.num_grid_images
     if n:
@@ -222,8 +222,8 @@ class Trainer:
                                 denoise=self.config.sample.denoise)
     grid = metrics.make_grid(images, ncol=min(classes, n))
     if jax.process_index() == 0:
-      metrics.save_png(grid, os.path.join(self.workdir, "images",
-                                          f"samples_{step}.png"))
+      metrics.save_png(grid, fileio.path(self.workdir) / "images" /
+                       f"samples_{step}.png")
     writer.write_images(step, {"samples": grid[None]})
 
 

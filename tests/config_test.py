@@ -362,6 +362,7 @@ def test_imagenet_distill_config(arg):
     assert config.distill.total_steps * config.batch_size == pytest.approx(
         60 * 1_281_167, rel=1e-3)
     assert config.distill.latent_noise == 0.3
+    assert config.distill.latent_noise_dist == "uniform"  # s ~ U[0, 0.3]
   config_lib.validate(config, num_devices=64 if arg != "runlocal" else 1,
                       process_count=16 if arg != "runlocal" else 1)
 
@@ -372,9 +373,11 @@ def test_folder_config_is_modest():
   assert _num_params(config.model) < 5e6
 
 
-def test_check_workdir_accepts_writable_and_gcs(tmp_path):
+def test_check_workdir_accepts_writable_and_gcs(tmp_path, fake_gcs):
   config_lib.check_workdir(str(tmp_path / "new" / "sub"))
+  assert not (tmp_path / "new").exists()  # a local check writes nothing
   config_lib.check_workdir("gs://some-bucket/farmer/run1")
+  assert ("makedirs", "gs://some-bucket/farmer/run1") in fake_gcs.calls
 
 
 def test_check_workdir_rejects_path_under_a_file(tmp_path):

@@ -47,3 +47,20 @@ def trained_workdir(tmp_path_factory):
   """A tiny digits run trained for a few hundred steps (tests/helpers.py)."""
   import helpers  # pylint: disable=g-import-not-at-top
   return helpers.trained_tiny_workdir(tmp_path_factory)
+
+
+@pytest.fixture
+def fake_gcs(tmp_path, monkeypatch):
+  """`gs://` in a local folder (helpers.FakeBucket), run from an empty cwd.
+
+  Yields the bucket; afterwards no local path named like the bucket (a
+  `gs:` folder) may exist in the cwd.
+  """
+  import helpers  # pylint: disable=g-import-not-at-top
+  bucket = helpers.FakeBucket(tmp_path / "bucket")
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  monkeypatch.chdir(cwd)
+  bucket.install(monkeypatch)
+  yield bucket
+  assert not [p.name for p in cwd.iterdir()], "a write bypassed fileio"

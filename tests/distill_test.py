@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 
 import helpers
 from farmer_jax import checkpointing
@@ -214,6 +215,29 @@ def test_student_and_exact_decoder_agree_in_shape_and_range(decoded):
   # `Farmer.decode`) up to its error, which has a few large outliers.
   assert float(jnp.mean(jnp.abs(fast) > 1.1)) < 0.05
   assert float(jnp.mean(jnp.abs(fast - exact))) < 0.1
+
+
+def test_uniform_latent_noise_is_a_new_draw_in_range_each_step():
+  """'uniform' (the paper's s ~ U[0, 0.3] per batch): one s per step key,
+  inside [0, latent_noise], distributed uniformly (SciPy's KS test); 'fixed'
+  is latent_noise at every step."""
+  keys = jax.vmap(lambda t: jax.random.fold_in(jax.random.PRNGKey(0), t))(
+      jnp.arange(2000))
+  draw = lambda dist: np.asarray(jax.vmap(
+      lambda k: distill.latent_noise_scale(k, 0.3, dist))(keys))
+  s = draw("uniform")
+  assert s.shape == (2000,) and len(np.unique(s)) == 2000
+  assert s.min() >= 0.0 and s.max() <= 0.3
+  assert scipy.stats.kstest(s / 0.3, "uniform").pvalue > 1e-3
+  np.testing.assert_array_equal(draw("fixed"), np.float32(0.3))
+
+
+def test_unknown_latent_noise_dist_is_refused(tmp_path):
+  config = _config()
+  config.distill.latent_noise_dist = "gaussian"
+  with pytest.raises(ValueError, match=r"latent_noise_dist='gaussian'.*"
+                     r"'fixed'.*'uniform'"):
+    distill.validate(config, str(tmp_path / "student"))
 
 
 def test_teacher_workdir_is_refused_as_the_students(runs):

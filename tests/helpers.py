@@ -1,7 +1,12 @@
-"""Shared test helpers: config loading and random non-zero weights."""
+"""Shared test helpers: config loading, random non-zero weights, a fake
+gs:// bucket."""
+import builtins
 import importlib.util
+import io
 import os
 
+from etils.epath import backend as epath_backend
+from etils.epath import gpath
 import flax.linen as nn
 import jax
 
@@ -74,3 +79,106 @@ def trained_tiny_workdir(tmp_path_factory) -> str:
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)
   return workdir
+
+
+class FakeBucket(epath_backend._OsPathBackend):  # pylint: disable=protected-access
+  """The `gs://` backend of `etils.epath`, kept in a local folder.
+
+  `gs://b/x` is `<root>/b/x`; every call is recorded in `calls` as
+  `(method, gs path, ...)`. `install` routes epath's `gs://` paths here and
+  makes a plain `open` / `os.makedirs` / `os.replace` / ... of a `gs:` path
+  raise, so code that bypasses the path layer fails instead of creating a
+  local folder named `gs:`.
+  """
+
+  def __init__(self, root):
+    self.root = str(root)
+    self.calls = []
+    os.makedirs(self.root, exist_ok=True)
+
+  def local(self, path) -> str:
+    """`<root>/b/x` for `gs://b/x`."""
+    path = os.fspath(path)
+    assert path.startswith("gs://"), f"not a bucket path: {path}"
+    return os.path.join(self.root, path[len("gs://"):])
+
+  def uri(self, local) -> str:
+    return "gs://" + os.path.relpath(os.fspath(local), self.root)
+
+  def _call(self, method, path, *args, **kwargs):
+    self.calls.append((method, os.fspath(path)) + args)
+    return getattr(super(), method)(self.local(path), *args, **kwargs)
+
+  def open(self, path, mode):
+    return self._call("open", path, mode)
+
+  def exists(self, path):
+    return self._call("exists", path)
+
+  def isdir(self, path):
+    return self._call("isdir", path)
+
+  def listdir(self, path):
+    return self._call("listdir", path)
+
+  def glob(self, path):
+    return [self.uri(p) for p in self._call("glob", path)]
+
+  def walk(self, top, *, top_down=True, on_error=None):
+    for root, dirs, files in self._call("walk", top, top_down=top_down,
+                                        on_error=on_error):
+      yield self.uri(root), dirs, files
+
+  def makedirs(self, path, *, exist_ok=False, mode=None):
+    return self._call("makedirs", path, exist_ok=exist_ok, mode=mode)
+
+  def mkdir(self, path, *, exist_ok=False, mode=None):
+    return self._call("mkdir", path, exist_ok=exist_ok, mode=mode)
+
+  def rmtree(self, path):
+    return self._call("rmtree", path)
+
+  def remove(self, path):
+    return self._call("remove", path)
+
+  def rename(self, path, dst):
+    self.calls.append(("rename", os.fspath(path), os.fspath(dst)))
+    return super().rename(self.local(path), self.local(dst))
+
+  def replace(self, path, dst):
+    self.calls.append(("replace", os.fspath(path), os.fspath(dst)))
+    return super().replace(self.local(path), self.local(dst))
+
+  def copy(self, path, dst, overwrite):
+    self.calls.append(("copy", os.fspath(path), os.fspath(dst)))
+    return super().copy(self.local(path), self.local(dst),
+                        overwrite=overwrite)
+
+  def stat(self, path):
+    return self._call("stat", path)
+
+  def written(self) -> list:
+    """The gs:// paths opened for writing, in order."""
+    return [c[1] for c in self.calls if c[0] == "open" and "r" not in c[2]]
+
+  def install(self, monkeypatch) -> None:
+    """Routes `gs://` here and makes os-level use of a `gs:` path raise."""
+    monkeypatch.setitem(gpath._PREFIX_TO_BACKEND, "gs", self)  # pylint: disable=protected-access
+    # With TensorFlow installed epath sends gs:// to tf.io.gfile instead.
+    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
+    for module, name in ((builtins, "open"), (io, "open"), (os, "makedirs"),
+                         (os, "mkdir"), (os, "replace"), (os, "rename"),
+                         (os, "remove"), (os, "listdir"), (os, "stat")):
+      monkeypatch.setattr(module, name, _refusing_gs(getattr(module, name)))
+
+
+def _refusing_gs(fn):
+  """`fn` that raises on a path that starts with `gs:` (a bypassed bucket
+  path, which would otherwise become a local folder named `gs:`)."""
+  def guarded(path, *args, **kwargs):
+    if (isinstance(path, (str, bytes, os.PathLike))
+        and os.fsdecode(path).startswith("gs:")):
+      raise AssertionError(f"{fn.__name__}({path!r}) bypassed the path layer "
+                           "(farmer_jax.fileio)")
+    return fn(path, *args, **kwargs)
+  return guarded
