@@ -14,9 +14,6 @@ import sys
 
 import helpers
 
-FAST_COMPILE = ("--xla_backend_optimization_level=0 "
-                "--xla_llvm_disable_expensive_passes=true "
-                "--xla_force_host_platform_device_count=8")
 GIB = 2.0 ** 30
 
 
@@ -28,7 +25,7 @@ def _rows(stdout: str) -> list[dict]:
 
 def test_aot_memory_prints_the_fsdp_shard_of_the_state():
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-  env.update(XLA_FLAGS=FAST_COMPILE, JAX_PLATFORMS="cpu",
+  env.update(XLA_FLAGS=helpers.xla_flags(8), JAX_PLATFORMS="cpu",
              TF_CPP_MIN_LOG_LEVEL="3")
   out = subprocess.run(
       [sys.executable, os.path.join("benchmarks", "aot_memory.py"),

@@ -14,8 +14,6 @@ import pytest
 
 import helpers
 
-FAST_COMPILE = ("--xla_backend_optimization_level=0 "
-                "--xla_llvm_disable_expensive_passes=true")
 SMALLEST = {
     "train_throughput.py": (["--sizes=XS", "--batch_size=8", "--steps=1",
                              "--warmup=0", "--matmul_n=256"], ["XS"]),
@@ -54,7 +52,7 @@ def test_benchmark_prints_its_table(script, tmp_path_factory):
   flags, first_column = SMALLEST[script]
   cache = tmp_path_factory.getbasetemp() / "benchmarks_jax_cache"
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-  env.update(XLA_FLAGS=FAST_COMPILE, JAX_PLATFORMS="cpu",
+  env.update(XLA_FLAGS=helpers.xla_flags(1), JAX_PLATFORMS="cpu",
              TF_CPP_MIN_LOG_LEVEL="3", JAX_COMPILATION_CACHE_DIR=str(cache),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   out = subprocess.run(

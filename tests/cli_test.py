@@ -44,7 +44,7 @@ def clf(run, trained_workdir):
 
 
 def _cli(module, *args, timeout=300):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(2),
              JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", module, *args], cwd=helpers.REPO,
                         env=env, capture_output=True, text=True,

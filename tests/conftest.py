@@ -1,9 +1,6 @@
-"""pytest setup: 8 fake CPU devices before JAX is imported anywhere."""
+"""pytest setup: 8 fake CPU devices before JAX's backend starts."""
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # TensorFlow (pulled in by clu / tfds) must not grab threads or print noise.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -12,6 +9,11 @@ import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
+
+import helpers  # noqa: E402  (imports JAX; its backend starts later)
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " " + helpers.xla_flags(8)).strip()
 
 # Many tests compile the same programs: three runs of one tiny config in
 # train_test, `main` again in every CLI subprocess, the notebook's restore.
@@ -45,7 +47,6 @@ def pytest_unconfigure(config):
 @pytest.fixture(scope="session")
 def trained_workdir(tmp_path_factory):
   """A tiny digits run trained for a few hundred steps (tests/helpers.py)."""
-  import helpers  # pylint: disable=g-import-not-at-top
   return helpers.trained_tiny_workdir(tmp_path_factory)
 
 
@@ -56,7 +57,6 @@ def fake_gcs(tmp_path, monkeypatch):
   Yields the bucket; afterwards no local path named like the bucket (a
   `gs:` folder) may exist in the cwd.
   """
-  import helpers  # pylint: disable=g-import-not-at-top
   bucket = helpers.FakeBucket(tmp_path / "bucket")
   cwd = tmp_path / "cwd"
   cwd.mkdir()

@@ -34,6 +34,9 @@ from farmer_jax.models import Farmer
 from farmer_jax.models import flow as flow_lib
 from farmer_jax.models.student import StudentDecoder
 
+# One worker runs this file: its `runs` fixture distils twice.
+pytestmark = pytest.mark.xdist_group("distill_test")
+
 DISTILL_STEPS = 100
 NAN_STEP = 3  # config.debug_nonfinite_steps: this batch becomes NaN.
 
@@ -252,7 +255,7 @@ def test_sample_cli_with_the_student_decoder(runs, tmp_path):
   _, teacher_dir, student_dir, _, _ = runs
   out = str(tmp_path / "student.png")
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+             XLA_FLAGS=helpers.xla_flags(2))
   proc = subprocess.run(
       [sys.executable, "-m", "farmer_jax.sample", f"--workdir={teacher_dir}",
        "--decoder=student", f"--student_workdir={student_dir}",

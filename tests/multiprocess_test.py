@@ -33,9 +33,6 @@ import helpers
 STOP, STEPS = 6, 8  # the 2 processes stop (and evaluate) at STOP.
 TOLERANCE = 1e-5  # f32; only the order of cross-process reductions differs.
 TIMEOUT_S = 300  # per phase; a phase takes ~40 s on 2 idle cores.
-# Compile-time only: trades optimised code for faster CPU compiles.
-FAST_COMPILE = ("--xla_backend_optimization_level=0 "
-                "--xla_llvm_disable_expensive_passes=true")
 
 
 def _main(workdir: str, mesh_shape: str = "(4,1,1)", *flags) -> list:
@@ -49,8 +46,7 @@ def _main(workdir: str, mesh_shape: str = "(4,1,1)", *flags) -> list:
 
 def _env(num_devices: int, cache_dir: str = "") -> dict:
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-  env.update(XLA_FLAGS=(f"--xla_force_host_platform_device_count="
-                        f"{num_devices} {FAST_COMPILE}"),
+  env.update(XLA_FLAGS=helpers.xla_flags(num_devices),
              JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
              PYTHONPATH=helpers.REPO)
   if cache_dir:

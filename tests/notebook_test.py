@@ -12,7 +12,7 @@ def test_evaluation_notebook_runs(trained_workdir, monkeypatch):
   nb = nbformat.read(path, as_version=4)
   monkeypatch.setenv("FARMER_WORKDIR", trained_workdir)
   monkeypatch.setenv("FARMER_NUM_SAMPLES", "20")
-  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  monkeypatch.setenv("XLA_FLAGS", helpers.xla_flags(2))
   client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                    resources={"metadata": {"path": helpers.REPO}})
   client.execute()  # raises CellExecutionError if any cell fails
