@@ -23,6 +23,7 @@ from absl import logging
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from farmer_jax import config_lib
@@ -30,6 +31,30 @@ from farmer_jax import fileio
 from farmer_jax.models import flow
 
 CONFIG_FILE = "config.json"
+
+# Orbax writes a replicated array "replica-parallel": each replica transfers
+# and writes a slice. Every slice is an eager JAX op compiled per shape, which
+# for a state of ~150 small arrays cost 9 s of blocking save time on CPU (more
+# than training the tests' tiny model). Only slices of at least this size are
+# worth it; smaller arrays are written whole by one replica.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+  """Orbax's PyTree handler with `MIN_REPLICA_SLICE_BYTES` for jax.Arrays."""
+  array = ocp.type_handlers.ArrayHandler(
+      min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES)
+  scalar = ocp.type_handlers.ScalarHandler()
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (jax.Array, array), (np.ndarray, ocp.type_handlers.NumpyHandler()),
+      (int, scalar), (float, scalar), (np.number, scalar))
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
+def _restore_args(abstract_state) -> ocp.args.PyTreeRestore:
+  return ocp.args.PyTreeRestore(
+      item=abstract_state,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
 
 
 class CheckpointMismatchError(ValueError):
@@ -60,6 +85,11 @@ class Checkpointer:
             # Leftovers of a killed save; a reader leaves a live run's alone.
             cleanup_tmp_directories=not read_only,
         ),
+        item_handlers={
+            "state": _state_handler(),
+            "data_iter": grain.checkpoint.CheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler(),
+        },
     )
     self._save_failed = False
 
@@ -83,7 +113,7 @@ class Checkpointer:
     """
     try:
       self._manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state),
+          state=ocp.args.PyTreeSave(state),
           data_iter=grain.checkpoint.CheckpointSave(data_iter),
           config=ocp.args.JsonSave(_model_dict(self._config)),
       ), force=True)
@@ -133,10 +163,10 @@ class Checkpointer:
     own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
     if not (iter_dir / own).exists():  # saved by another number of hosts
       state = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state)))["state"]
+          state=_restore_args(abstract_state)))["state"]
       return state, _position_iterator(iter_dir, data_iter)
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
+        state=_restore_args(abstract_state),
         data_iter=grain.checkpoint.CheckpointRestore(data_iter),
     ))
     return restored["state"], restored["data_iter"]
@@ -167,7 +197,7 @@ class Checkpointer:
           f"No checkpoint in {self._manager.directory}; train first.")
     self.check_config(step)
     return self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))["state"]
+        state=_restore_args(abstract_state)))["state"]
 
   def restore_params(self, step: Optional[int], abstract_params,
                      key: str = "ema_params"):
