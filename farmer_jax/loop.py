@@ -20,8 +20,6 @@ import time
 from typing import Any, Callable, Optional
 
 from absl import logging
-from clu import metric_writers
-from clu import periodic_actions
 import flax
 import jax
 import jax.numpy as jnp
@@ -228,6 +226,10 @@ def run(config, workdir: str, task: Task, *,
     # After the restore: a workdir of another model keeps its own config.
     checkpointing.save_config(config, workdir)
     first_step = int(state.step)
+    # Imported here, as in `_steps`: clu's metric writers import TensorFlow
+    # (~11 s), which programs that only build steps (benchmarks, AOT
+    # compiles, sampling) never need.
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
     writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0)
     last_eval = {}
@@ -256,6 +258,7 @@ def _log_means(writer, step: int, pending: list, seconds: float,
 
 def _steps(config, task, checkpointer, state, data_iter, writer, first_step,
            last_step, last_eval) -> dict:
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   report = periodic_actions.ReportProgress(num_train_steps=task.total_steps,
                                            writer=writer)
   limit = config.max_consecutive_nonfinite

@@ -31,7 +31,6 @@ from farmer_jax import train
 
 NUM_SAMPLES = 200
 
-
 @pytest.fixture(scope="module")
 def run(trained_workdir):
   return inference.restore(trained_workdir)

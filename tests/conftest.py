@@ -4,6 +4,9 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # TensorFlow (pulled in by clu / tfds) must not grab threads or print noise.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# helpers.FAST_COMPILE for this process and the subprocesses that inherit its
+# environment; helpers.optimized() lifts it for compute-heavy tests.
+os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
 
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
@@ -13,7 +16,9 @@ import pytest  # noqa: E402
 import helpers  # noqa: E402  (imports JAX; its backend starts later)
 
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " " + helpers.xla_flags(8)).strip()
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8").strip()
+helpers.jax.config.update("jax_disable_most_optimizations", True)
 
 # Many tests compile the same programs: three runs of one tiny config in
 # train_test, `main` again in every CLI subprocess, the notebook's restore.

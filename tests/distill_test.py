@@ -34,9 +34,6 @@ from farmer_jax.models import Farmer
 from farmer_jax.models import flow as flow_lib
 from farmer_jax.models.student import StudentDecoder
 
-# One worker runs this file: its `runs` fixture distils twice.
-pytestmark = pytest.mark.xdist_group("distill_test")
-
 DISTILL_STEPS = 100
 NAN_STEP = 3  # config.debug_nonfinite_steps: this batch becomes NaN.
 

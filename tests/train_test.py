@@ -14,9 +14,6 @@ from farmer_jax import sharding
 from farmer_jax import train
 from farmer_jax.models import Farmer
 
-# One worker runs this file: its `runs` fixture trains three times.
-pytestmark = pytest.mark.xdist_group("train_test")
-
 
 def tiny_config(**overrides):
   config = helpers.load_config("digits", "tiny")
