@@ -8,6 +8,8 @@ losses (TensorBoard events, `log_every=1`) and test bits/dim must agree to
 1e-5. Then one process on the FSDP mesh resumes the 2-process checkpoint and
 trains to step 8: its losses must equal the 1-process run's, which checks the
 resharded restore and the data iterator's position on another host count.
+Beside that resume, 2 processes distil the 1-process run's flow inverse for
+a few steps (issue 14 section 5): its evaluation gathers across hosts.
 
 Every child runs in its own session and is killed (by its process group) if
 the test fails or a timeout passes. To keep CI time down, children compile
@@ -31,6 +33,7 @@ from tensorboard.compat.proto import event_pb2
 import helpers
 
 STOP, STEPS = 6, 8  # the 2 processes stop (and evaluate) at STOP.
+DISTILL_STEPS = 2
 TOLERANCE = 1e-5  # f32; only the order of cross-process reductions differs.
 TIMEOUT_S = 300  # per phase; a phase takes ~40 s on 2 idle cores.
 
@@ -42,6 +45,18 @@ def _main(workdir: str, mesh_shape: str = "(4,1,1)", *flags) -> list:
           "--config.log_every=1", f"--config.eval_every={STOP}",
           f"--config.ckpt_every={STOP}", "--config.num_eval_batches=1",
           f"--config.mesh_shape={mesh_shape}", *flags]
+
+
+def _distill(workdir: str, teacher: str, *flags) -> list:
+  """2 steps of distilling `teacher` (4-device data-parallel mesh)."""
+  return [sys.executable, "-m", "farmer_jax.main",
+          "--config=configs/digits_distill.py:tiny", f"--workdir={workdir}",
+          f"--config.distill.teacher_workdir={teacher}",
+          f"--config.distill.total_steps={DISTILL_STEPS}",
+          "--config.distill.warmup_steps=1", "--config.log_every=1",
+          f"--config.eval_every={DISTILL_STEPS}",
+          f"--config.ckpt_every={DISTILL_STEPS}",
+          "--config.num_eval_batches=1", "--config.mesh_shape=(4,1,1)", *flags]
 
 
 def _env(num_devices: int, cache_dir: str = "") -> dict:
@@ -148,6 +163,7 @@ def test_global_batches_do_not_depend_on_the_number_of_hosts():
 
 def test_two_processes_train_like_one_and_resume_on_one(tmp_path):
   two, one = str(tmp_path / "two_processes"), str(tmp_path / "one_process")
+  student = str(tmp_path / "student")
   cache = str(tmp_path / "jax_cache")
   address = f"127.0.0.1:{_free_port()}"
   with _children(str(tmp_path)) as start:
@@ -175,9 +191,16 @@ def test_two_processes_train_like_one_and_resume_on_one(tmp_path):
     _assert_close(loss_two, loss_one, range(1, STOP + 1))
     _assert_close(scalars(two, "eval/bpd"), scalars(one, "eval/bpd"), [STOP])
 
-    # One process on the FSDP mesh resumes the 2-process checkpoint.
+    # One process on the FSDP mesh resumes the 2-process checkpoint. Beside
+    # it, two processes distil the 1-process run's flow inverse (issue 14
+    # section 5): evaluation gathers the student's reconstructions from both
+    # hosts (`metrics.to_host`; a `device_get` fails across processes).
     resume = start("resume", _main(two, "(1,4,1)"), 4, cache)
-    _wait_all([resume])
+    address = f"127.0.0.1:{_free_port()}"
+    distillers = [start(f"distill_{i}", _distill(
+        student, one, f"--coordinator_address={address}",
+        "--num_processes=2", f"--process_id={i}"), 2) for i in range(2)]
+    _wait_all([resume] + distillers)
   assert "written by another number of processes" in open(resume.log).read()
   loss_two = scalars(two, "train/loss")
   assert sorted(loss_two) == list(range(1, STEPS + 1))
@@ -185,3 +208,19 @@ def test_two_processes_train_like_one_and_resume_on_one(tmp_path):
   _assert_close(scalars(two, "eval/bpd"), scalars(one, "eval/bpd"), [STEPS])
   assert os.path.exists(os.path.join(
       two, "images", f"reconstructions_{STEPS}.png"))
+
+  # The 2-process student: metrics and images from process 0 only, an
+  # iterator state per process, a finite evaluation before and after.
+  (events,) = glob.glob(os.path.join(student, "events.out.*"))
+  assert f".{distillers[0].pid}." in os.path.basename(events), events
+  assert sorted(scalars(student, "train/loss")) == list(
+      range(1, DISTILL_STEPS + 1))
+  rmse = scalars(student, "eval/recon_rmse")
+  assert sorted(rmse) == [0, DISTILL_STEPS]
+  assert all(np.isfinite(v) and 0 < v < 1 for v in rmse.values()), rmse
+  assert sorted(os.listdir(os.path.join(student, "images"))) == [
+      f"student_reconstructions_{s}.png" for s in (0, DISTILL_STEPS)]
+  iter_dir = os.path.join(student, "checkpoints", str(DISTILL_STEPS),
+                          "data_iter")
+  assert sorted(f for f in os.listdir(iter_dir) if f.endswith(".json")) == [
+      "process_0-of-2.json", "process_1-of-2.json"]
