@@ -113,7 +113,7 @@ def train_step_parts(config):
 
 
 def flops_of(compiled) -> float:
-  """XLA's FLOP count of a compiled executable (its cost analysis)."""
+  """XLA's FLOP count of a lowered or compiled step (its cost analysis)."""
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax: one dict per module.
     cost = cost[0]

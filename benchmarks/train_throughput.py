@@ -6,9 +6,11 @@ TARFlow's PyTorch code, and `digits`, the README default) and each prior
 in `--priors` (reference rows only; SIZES rows use the config's prior), the
 jitted train step (`train.train_step`: forward + backward + AdamW + EMA, state donated)
 is compiled once, run `--warmup` times, then timed over `--steps` steps.
-FLOPs per step are XLA's count for the compiled step
-(`jax.jit(...).lower(...).compile().cost_analysis()['flops']`); achieved
-FLOP/s = FLOPs per step x steps/s. The peak is a jitted f32
+FLOPs per step are XLA's count for the step with its layers unrolled
+(`jax.jit(...).lower(...).cost_analysis()['flops']` with
+`scan_layers=False`, whichever variant is timed: the cost analysis counts a
+scan's body once, so a scanned refS step reads 1.3 GFLOP instead of 10.1);
+achieved FLOP/s = FLOPs per step x steps/s. The peak is a jitted f32
 `[n, n] @ [n, n]` matmul (`--matmul_n`) timed in the same run on the same
 device; the last column is achieved / peak.
 
@@ -37,6 +39,15 @@ _SCAN = flags.DEFINE_bool("scan_layers", None,
                           "config.model.scan_layers (default: the config's).")
 
 
+def unrolled_flops(config) -> float:
+  """XLA's FLOP count of the train step with every layer unrolled."""
+  config = config.copy_and_resolve_references()
+  config.model.scan_layers = False
+  step, mesh, _, abstract, batch, _ = bench_lib.train_step_parts(config)
+  with bench_lib.sharding.context(mesh, config):
+    return bench_lib.flops_of(step.lower(abstract, batch))
+
+
 def measure(size: str, batch_size: int, steps: int, warmup: int,
             prior: str = "") -> dict:
   """Compiles and times the train step of one model size."""
@@ -52,7 +63,8 @@ def measure(size: str, batch_size: int, steps: int, warmup: int,
   with bench_lib.sharding.context(mesh, config):
     state = init_fn()
     compiled = step.lower(state, batch).compile()
-    flops = bench_lib.flops_of(compiled)
+  flops = unrolled_flops(config)
+  with bench_lib.sharding.context(mesh, config):
     for _ in range(warmup):
       state, metrics = compiled(state, batch)
     jax.block_until_ready(state)
