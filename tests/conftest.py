@@ -18,7 +18,6 @@ import helpers  # noqa: E402  (imports JAX; its backend starts later)
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
     + " --xla_force_host_platform_device_count=8").strip()
-helpers.jax.config.update("jax_disable_most_optimizations", True)
 
 # Many tests compile the same programs: three runs of one tiny config in
 # train_test, `main` again in every CLI subprocess, the notebook's restore.
