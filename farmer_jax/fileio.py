@@ -6,7 +6,8 @@ speaks local paths and `gs://` (through `tf.io.gfile`, or fsspec + gcsfs
 where TensorFlow is absent). A plain `open` / `os.makedirs` on a
 `gs://bucket/run` string would instead make a local folder named `gs:`, and
 a run's `config.json` would then be missing on every other machine. Orbax
-checkpoints and CLU's TensorBoard writer speak `gs://` themselves.
+checkpoints and the TensorBoard writer of a `gs://` workdir (CLU's; see
+writers.py) speak `gs://` themselves.
 
 Whole files are written from memory (`write_bytes`): PNGs and `.npz` are
 encoded into a buffer first, since object stores take whole objects.

@@ -6,9 +6,10 @@ function and the abstract (restore-target) state, a jitted step
 here and the same for both: resume (checkpoint in workdir -> fresh state),
 step scheduling, the non-finite guard (skip the update, abort after
 `config.max_consecutive_nonfinite` in a row), EMA, async checkpoints with
-the Grain iterator state, CLU metrics, progress and throughput, periodic
-evaluation, preemption. Gathers to the host go through `metrics.to_host`
-(every process takes part, so multi-host runs work).
+the Grain iterator state, metric writers (farmer_jax/writers.py), progress
+and throughput, periodic evaluation, preemption. Gathers to the host go
+through `metrics.to_host` (every process takes part, so multi-host runs
+work).
 
 The state (`TrainState`) and its update (`apply_gradients`: optimizer,
 non-finite skip, EMA, common metrics) are shared too; a step function
@@ -31,6 +32,7 @@ from farmer_jax import config_lib
 from farmer_jax import input_pipeline
 from farmer_jax import metrics as metrics_lib
 from farmer_jax import sharding
+from farmer_jax import writers
 
 
 class NonFiniteError(FloatingPointError):
@@ -226,12 +228,7 @@ def run(config, workdir: str, task: Task, *,
     # After the restore: a workdir of another model keeps its own config.
     checkpointing.save_config(config, workdir)
     first_step = int(state.step)
-    # Imported here, as in `_steps`: clu's metric writers import TensorFlow
-    # (~11 s), which programs that only build steps (benchmarks, AOT
-    # compiles, sampling) never need.
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top
-    writer = metric_writers.create_default_writer(
-        workdir, just_logging=jax.process_index() > 0)
+    writer = writers.create(workdir, just_logging=jax.process_index() > 0)
     last_eval = {}
     if first_step == 0:
       writer.write_hparams(config_lib.flatten(config))
@@ -244,7 +241,7 @@ def run(config, workdir: str, task: Task, *,
   finally:
     checkpointer.close()  # waits for async saves: never lose work
     if writer is not None:
-      writer.flush()
+      writer.close()
 
 
 def _log_means(writer, step: int, pending: list, seconds: float,
@@ -258,9 +255,7 @@ def _log_means(writer, step: int, pending: list, seconds: float,
 
 def _steps(config, task, checkpointer, state, data_iter, writer, first_step,
            last_step, last_eval) -> dict:
-  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
-  report = periodic_actions.ReportProgress(num_train_steps=task.total_steps,
-                                           writer=writer)
+  report = writers.Progress(task.total_steps, writer)
   limit = config.max_consecutive_nonfinite
   check = functools.partial(check_finite, limit=limit,
                             fix_hint=task.fix_hint)

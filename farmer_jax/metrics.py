@@ -197,9 +197,14 @@ def make_grid(images: np.ndarray, ncol: int = 0, pad: int = 1) -> np.ndarray:
   return grid
 
 
+def png_bytes(image: np.ndarray) -> bytes:
+  """uint8 `[H, W, 1 or 3]` encoded as PNG."""
+  buffer = io.BytesIO()
+  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(
+      buffer, format="PNG")
+  return buffer.getvalue()
+
+
 def save_png(grid: np.ndarray, path) -> None:
   """uint8 `[H, W, C]` as a PNG at `path` (local or gs://), folders made."""
-  buffer = io.BytesIO()
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(
-      buffer, format="PNG")
-  fileio.write_bytes(path, buffer.getvalue())
+  fileio.write_bytes(path, png_bytes(grid))
