@@ -101,8 +101,10 @@ DEFAULT_SIZE = {64: "B", 256: "1.1B"}
 # README, Benchmarks); add a row after measuring it. All use the default
 # mesh, full FSDP over every chip, and remat.
 LAUNCH = {
-    ("1.1B", 16, "v5litepod-64"): 1,  # 5.27 of 16 GiB per chip (libtpu).
+    ("1.1B", 16, "v5litepod-64"): 1,  # 6.42 of 16 GiB per chip (libtpu).
     ("1.1B", 16, "v4-32"): 1,  # 20.36 of 32 GiB per chip (libtpu).
+    ("1.9B", 16, "v5p-128"): 1,  # 8.52 of 95 GiB per chip (libtpu).
+    ("1.9B", 8, "v5p-128"): 1,  # 22.20 of 95 GiB per chip (libtpu).
 }
 
 
