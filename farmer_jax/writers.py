@@ -72,11 +72,12 @@ class EventWriter:
   """
 
   def __init__(self, logdir: str):
-    os.makedirs(logdir, exist_ok=True)
+    logdir = fileio.path(logdir)
+    logdir.mkdir(parents=True, exist_ok=True)
     name = (f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}"
             f".{os.getpid()}.v2")
-    self.path = os.path.join(logdir, name)
-    self._file = open(self.path, "ab")  # pylint: disable=consider-using-with
+    self.path = logdir / name
+    self._file = self.path.open("ab")  # pylint: disable=consider-using-with
     self._records = record_writer.RecordWriter(self._file)
     self._write(event_pb2.Event(file_version="brain.Event:2"))
 
