@@ -40,6 +40,15 @@ def pytest_configure(config):
   # another is half-way through writing.
   os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+  # JAX read its environment when `helpers` imported it: without xdist (-n0)
+  # this process compiles too, and would not see the cache otherwise.
+  helpers.jax.config.update("jax_compilation_cache_dir", cache)
+  helpers.jax.config.update(
+      "jax_compilation_cache_max_size",
+      int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
+  helpers.jax.config.update(
+      "jax_persistent_cache_min_compile_time_secs",
+      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
 def pytest_unconfigure(config):
