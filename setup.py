@@ -19,7 +19,8 @@ setuptools.setup(
         "ml-collections>=1.0",
         "tensorflow-datasets>=4.9.8",
         "clu>=0.0.12",
-        # clu.metric_writers imports TensorFlow and TensorBoard at import time.
+        # clu.metric_writers (the writer of gs:// workdirs) imports TensorFlow;
+        # farmer_jax/writers.py writes local events with TensorBoard's protos.
         "tensorflow-cpu>=2.18",
         "tensorboard>=2.18",
         "numpy",
