@@ -13,42 +13,29 @@ import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
 
-import helpers  # noqa: E402  (imports JAX; its backend starts later)
-
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + " --xla_force_host_platform_device_count=8").strip()
-
 # Many tests compile the same programs: three runs of one tiny config in
 # train_test, `main` again in every CLI subprocess, the notebook's restore.
 # JAX's persistent compilation cache compiles each of them once.  The
 # controller makes one cache private to this pytest run; xdist workers and
 # the tests' subprocesses inherit it through the environment.  Entries are
 # keyed by the HLO and compile options, so a cached program is the program.
-# A cache the user set (JAX_COMPILATION_CACHE_DIR) is used and kept.
+# A cache the user set (JAX_COMPILATION_CACHE_DIR) is used and kept.  Set
+# before `helpers` imports JAX, which reads these variables on import (so
+# pytest's own process, which compiles too, uses the cache).
 _OWNED_CACHE = []
-
-
-def pytest_configure(config):
-  del config
-  if "JAX_COMPILATION_CACHE_DIR" in os.environ:
-    return  # the user's, or set by our controller for this worker
-  cache = tempfile.mkdtemp(prefix="farmer_jax_test_xla_")
-  _OWNED_CACHE.append(cache)
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWNED_CACHE.append(tempfile.mkdtemp(prefix="farmer_jax_test_xla_"))
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWNED_CACHE[0]
   # A size limit turns on JAX's file lock, so no process reads an entry
   # another is half-way through writing.
   os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-  # JAX read its environment when `helpers` imported it: without xdist (-n0)
-  # this process compiles too, and would not see the cache otherwise.
-  helpers.jax.config.update("jax_compilation_cache_dir", cache)
-  helpers.jax.config.update(
-      "jax_compilation_cache_max_size",
-      int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
-  helpers.jax.config.update(
-      "jax_persistent_cache_min_compile_time_secs",
-      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+import helpers  # noqa: E402  (imports JAX; its backend starts later)
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8").strip()
 
 
 def pytest_unconfigure(config):
