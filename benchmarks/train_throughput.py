@@ -62,8 +62,12 @@ def measure(size: str, batch_size: int, steps: int, warmup: int,
       config)
   with bench_lib.sharding.context(mesh, config):
     state = init_fn()
-    compiled = step.lower(state, batch).compile()
-  flops = unrolled_flops(config)
+    lowered = step.lower(state, batch)
+    compiled = lowered.compile()
+  # An unrolled step is its own count; a scanned one is lowered again
+  # unrolled (its cost analysis sees each loop body once).
+  flops = (unrolled_flops(config) if config.model.scan_layers
+           else bench_lib.flops_of(lowered))
   with bench_lib.sharding.context(mesh, config):
     for _ in range(warmup):
       state, metrics = compiled(state, batch)
