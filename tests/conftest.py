@@ -35,7 +35,8 @@ import helpers  # noqa: E402  (imports JAX; its backend starts later)
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
-    + " --xla_force_host_platform_device_count=8").strip()
+    + " --xla_force_host_platform_device_count=8 "
+    + helpers.CHEAP_EMITTERS).strip()
 
 
 def pytest_unconfigure(config):
