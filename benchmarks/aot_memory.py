@@ -53,6 +53,7 @@ import jax.numpy as jnp
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import bench_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from farmer_jax import inference  # pylint: disable=g-import-not-at-top,wrong-import-position
 from farmer_jax import sharding
 from farmer_jax import train
@@ -89,21 +90,6 @@ def imagenet_config_module():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
-
-
-def apply_overrides(config, overrides) -> None:
-  """`key.sub=value` strings (values as Python literals) into `config`."""
-  import ast  # pylint: disable=g-import-not-at-top
-  for item in overrides:
-    key, _, text = item.partition("=")
-    *parents, name = key.strip().split(".")
-    node = config
-    for parent in parents:
-      node = node[parent]
-    try:
-      node[name] = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      node[name] = text
 
 
 def devices_for(slice_name: str, cpu: bool):
@@ -146,7 +132,7 @@ def row_config(size: str, patch: int, slice_name: str):
   config = module.get_config(arg)
   if _SHALLOW.value:
     config.model.update(af_blocks=2, af_layers_per_block=1, ar_layers=1)
-  apply_overrides(config, _OVERRIDES.value)
+  bench_lib.apply_overrides(config, _OVERRIDES.value)
   return config
 
 

@@ -4,6 +4,7 @@ Every benchmark builds its model from `configs/digits.py` (28x28x1 MNIST,
 patch 4: N = 49 tokens of d = 16) with one row of `SIZES` applied, runs on
 `jax.devices()[0]` alone (a (1, 1, 1) mesh) and prints a markdown table.
 """
+import ast
 import functools
 import importlib.util
 import os
@@ -61,6 +62,20 @@ def sized_config(size: str, batch_size: int = 64, **model_overrides):
   config.model.update(model_overrides)
   config.update(batch_size=batch_size, mesh_shape=(1, 1, 1))
   return config
+
+
+def apply_overrides(config, overrides) -> None:
+  """`key.sub=value` strings (values as Python literals) into `config`."""
+  for item in overrides:
+    key, _, text = item.partition("=")
+    *parents, name = key.strip().split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    try:
+      node[name] = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      node[name] = text
 
 
 def reference_config(name: str, prior: str = "gaussian", batch_size: int = 0):

@@ -50,6 +50,9 @@ _STEPS = flags.DEFINE_integer("steps", 3, "Profiled (and timed) calls.")
 _INVERSE_BATCH = flags.DEFINE_integer("inverse_batch", 16,
                                       "Batch of the profiled inverse.")
 _WHAT = flags.DEFINE_list("what", ["train", "inverse"], "train, inverse.")
+_OVERRIDES = flags.DEFINE_list(
+    "overrides", [], "Config overrides KEY=VALUE (Python literals), applied "
+    "to every row, e.g. model.remat=full.")
 
 KINDS = ("matmul", "attention softmax", "mixture", "layer norm",
          "mlp activation", "optimizer/EMA", "copies", "scan buffers", "other")
@@ -180,6 +183,7 @@ def main(argv):
   for name in _CONFIGS.value:
     for prior in _PRIORS.value:
       config = bench_lib.reference_config(name, prior)
+      bench_lib.apply_overrides(config, _OVERRIDES.value)
       for what in _WHAT.value:
         if what == "train":
           per_kind, seconds = train_row(config, _STEPS.value)

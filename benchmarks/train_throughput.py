@@ -35,6 +35,9 @@ _BATCH = flags.DEFINE_integer("batch_size", 64,
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per size.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compile.")
 _MATMUL_N = flags.DEFINE_integer("matmul_n", 2048, "Side of the peak matmul.")
+_OVERRIDES = flags.DEFINE_list(
+    "overrides", [], "Config overrides KEY=VALUE (Python literals), applied "
+    "to every row, e.g. model.remat=full.")
 _SCAN = flags.DEFINE_bool("scan_layers", None,
                           "config.model.scan_layers (default: the config's).")
 
@@ -55,6 +58,7 @@ def measure(size: str, batch_size: int, steps: int, warmup: int,
     config = bench_lib.sized_config(size, batch_size or 64)
   else:
     config = bench_lib.reference_config(size, prior, batch_size)
+  bench_lib.apply_overrides(config, _OVERRIDES.value)
   batch_size = config.batch_size
   if _SCAN.value is not None:
     config.model.scan_layers = _SCAN.value
