@@ -25,8 +25,12 @@ SMALLEST = {
                             "--repeats=1"], ["1"]),
     "profile_step.py": (["--configs=refS", "--priors=farmer", "--steps=1",
                          "--inverse_batch=2"], ["refS", "refS"]),
+    # The PyTorch reference flow (torch is a test dependency).
+    "torch_reference.py": (["--rows=refS", "--steps=1", "--warmup=0",
+                            "--inverse_batch=2", "--inverse_repeats=1"],
+                           ["refS"]),
 }
-TEXT_COLUMNS = ("prior", "step")  # words, not numbers
+TEXT_COLUMNS = ("prior", "step", "mode", "torch version")  # not numbers
 # profile_step.py's shares of op time by kind: a kind may take 0%.
 SHARE_COLUMNS = ("attention softmax", "mixture", "layer norm",
                  "mlp activation", "optimizer/EMA", "copies", "scan buffers",
@@ -76,3 +80,6 @@ def test_benchmark_prints_its_table(script, tmp_path_factory):
     for row in rows:
       shares = [_number(row[k]) for k in ("matmul",) + SHARE_COLUMNS]
       assert 97 <= sum(shares) <= 103 and shares[0] > 0, row
+  if script == "torch_reference.py":  # the same flow: the same parameters
+    for row in rows:
+      assert row["params"] == row["farmer_jax params"], row
