@@ -66,7 +66,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model.head_init_std = 0.1
   config.model.scale_floor = 1e-3
   config.model.dtype = "float32"  # activations; params are always float32.
-  config.model.remat = "none"  # or a layers.REMAT_POLICIES name.
+  # A layers.REMAT_POLICIES name. 'full' keeps only each layer's input for the
+  # backward pass: on CPU XLA zero-fills and copies the stacked per-layer
+  # residuals of a scan, and recomputing is cheaper (train step 2x faster at
+  # this size: benchmarks/README.md). 'tiny' keeps the plain path the tests
+  # compare the remat policies with.
+  config.model.remat = "none" if tiny else "full"
   # True: each layer stack (and the flow's blocks) is one loop, compile time flat
   # in depth; False: unrolled, same parameters (faster for small models on CPU).
   config.model.scan_layers = True
