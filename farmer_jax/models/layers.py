@@ -5,8 +5,10 @@ compile time does not grow with depth. Attention supports two modes:
 
 * full: `x [B, T, D]` -> `[B, T, D]`, causal or bidirectional; it also
   returns the keys/values `[B, T, H, Dh]` so a caller can prefill a cache;
-* cached step: `x [B, 1, D]` at position `pos` with an explicit cache
-  `(k, v)`, each `[B, T_max, H, Dh]`; returns the updated cache.
+* cached step: `x [B, t, D]` at positions `pos .. pos + t - 1` with an
+  explicit cache `(k, v)`, each `[B, T_max, H, Dh]`; returns the new
+  tokens' keys/values `[B, t, H, Dh]` (the caller writes them into its
+  cache).
 
 Caches are explicit arrays (not a Flax 'cache' collection) so that sampling
 code can keep several of them (conditional / unconditional streams for
@@ -83,21 +85,19 @@ class Attention(nn.Module):
                for i in range(3))
     if cache is None:
       keys, values, lengths = k, v, None
-      new_cache = (k, v) if return_kv else None
+      new_kv = (k, v) if return_kv else None
     else:
       k_cache, v_cache = cache
-      keys = jax.lax.dynamic_update_slice(
-          k_cache, k.astype(k_cache.dtype), (0, pos, 0, 0))
-      values = jax.lax.dynamic_update_slice(
-          v_cache, v.astype(v_cache.dtype), (0, pos, 0, 0))
+      new_kv = (k.astype(k_cache.dtype), v.astype(v_cache.dtype))
+      keys = jax.lax.dynamic_update_slice(k_cache, new_kv[0], (0, pos, 0, 0))
+      values = jax.lax.dynamic_update_slice(v_cache, new_kv[1], (0, pos, 0, 0))
       lengths = jnp.full((b,), pos + t, jnp.int32)
-      new_cache = (keys, values)
     out = jax.nn.dot_product_attention(
         q, keys.astype(self.dtype), values.astype(self.dtype),
         is_causal=self.causal and cache is None,
         key_value_seq_lengths=lengths, implementation=self.implementation)
     out = jnp.einsum("bqhk,hkd->bqd", out, w_out.astype(self.dtype))
-    return out, new_cache
+    return out, new_kv
 
 
 class Mlp(nn.Module):
@@ -124,7 +124,8 @@ class Layer(nn.Module):
   """One pre-LN transformer layer; the body of the `nn.scan` in Transformer.
 
   Call signature follows `nn.scan`: `(carry, *xs) -> (carry, ys)` with the
-  activations as carry and this layer's cache slice as the scanned input.
+  activations as carry, this layer's cache slice as the scanned input and
+  its keys/values (all of them, or in cached mode the new tokens') as ys.
   """
   num_heads: int
   mlp_ratio: int
@@ -135,14 +136,14 @@ class Layer(nn.Module):
 
   @nn.compact
   def __call__(self, x, cache: Optional[Cache], pos):
-    y, new_cache = Attention(self.num_heads, self.causal, self.dtype,
-                             self.attention, name="attn")(
-                                 LayerNorm(self.dtype)(x), cache, pos,
-                                 self.return_kv)
+    y, new_kv = Attention(self.num_heads, self.causal, self.dtype,
+                          self.attention, name="attn")(
+                              LayerNorm(self.dtype)(x), cache, pos,
+                              self.return_kv)
     x = x + y
     x = x + Mlp(self.mlp_ratio, self.dtype, name="mlp")(LayerNorm(self.dtype)(x))
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    return x, new_cache
+    return x, new_kv
 
 
 # `config.model.remat` by name: what the backward pass may keep from the
@@ -216,6 +217,13 @@ class Transformer(nn.Module):
                                    ("batch", "length", "embed"))
     x, kv = stack(self.num_heads, self.mlp_ratio, self.causal, self.dtype,
                   self.attention, return_kv, name="layers")(x, cache, pos)
+    if cache is not None:
+      # The layers only read the cache; the new tokens' keys/values
+      # `[L, B, t, H, Dh]` go in with one update after the loop, which XLA
+      # does in place (a cache carried through the layer loop is copied
+      # whole at every step).
+      kv = tuple(jax.lax.dynamic_update_slice(c, new, (0, 0, pos, 0, 0))
+                 for c, new in zip(cache, kv))
     return LayerNorm(self.dtype, name="norm")(x), kv
 
 
