@@ -68,9 +68,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model.dtype = "float32"  # activations; params are always float32.
   # A layers.REMAT_POLICIES name. 'full' keeps only each layer's input for the
   # backward pass: on CPU XLA zero-fills and copies the stacked per-layer
-  # residuals of a scan, and recomputing is cheaper (train step 2x faster at
-  # this size: benchmarks/README.md). 'tiny' keeps the plain path the tests
-  # compare the remat policies with.
+  # residuals of a scan, and recomputing is cheaper (train step 1.5-1.9x
+  # faster at this size: README "Benchmarks"). 'tiny' keeps the plain path
+  # the tests compare the remat policies with.
   config.model.remat = "none" if tiny else "full"
   # True: each layer stack (and the flow's blocks) is one loop, compile time flat
   # in depth; False: unrolled, same parameters (faster for small models on CPU).

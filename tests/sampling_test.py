@@ -375,9 +375,9 @@ def test_resampled_draws_match_their_limit(dim, proposal, temps):
       cfg_scale=w, num_candidates=s_c, num_uncond_candidates=s_u,
       logit_temp=t_pi, scale_temp=t_sigma, weigh_logit_temp=t_pi_v,
       weigh_scale_temp=t_sigma_v, resample_temp=t_s, proposal=proposal)
-  with helpers.optimized():
-    z = np.asarray(draw_fn(opts)(jax.random.PRNGKey(dim), toy_mixture_nd(toy_c),
-                               toy_mixture_nd(toy_u)))
+  with helpers.optimized():  # 20k draws: run time, not compile time
+    z = np.asarray(draw_fn(opts)(jax.random.PRNGKey(dim),
+                                 toy_mixture_nd(toy_c), toy_mixture_nd(toy_u)))
   groups = limit_groups(toy_c, toy_u, points, w, s_c, s_u, proposal,
                         t_pi, t_sigma, t_pi_v, t_sigma_v)
   target = limit_density(groups, t_s)
