@@ -5,6 +5,8 @@ import contextlib
 import importlib.util
 import io
 import os
+import subprocess
+import sys
 
 from etils.epath import backend as epath_backend
 from etils.epath import gpath
@@ -31,8 +33,25 @@ FAST_COMPILE = ("--xla_backend_optimization_level=0 "
 # step of the tests in 2.9 s instead of 7.4 s (with FAST_COMPILE; 12.9 vs
 # 14.7 s fully optimised) and runs it as fast (benchmarks/train_throughput.py
 # refS / digits: within noise). Every test process gets it, pytest's own
-# through conftest.py.
+# through conftest.py, which drops it (`xla_accepts`) from a jaxlib whose XLA
+# no longer knows it: an unknown XLA flag aborts the process.
 CHEAP_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+
+
+def xla_accepts(flag: str) -> bool:
+  """Whether this jaxlib's XLA starts with `flag` in XLA_FLAGS.
+
+  Probed once per pytest run in a subprocess; the answer is kept in the
+  environment, which xdist workers and test subprocesses inherit.
+  """
+  key = "FARMER_JAX_TEST_XLA_ACCEPTS"
+  if key not in os.environ:
+    probe = subprocess.run(
+        [sys.executable, "-c", "import jax; jax.devices()"],
+        env=dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu"),
+        capture_output=True, check=False)
+    os.environ[key] = flag if probe.returncode == 0 else ""
+  return os.environ[key] == flag
 
 
 def xla_flags(devices: int) -> str:
