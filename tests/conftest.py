@@ -33,9 +33,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 import helpers  # noqa: E402  (imports JAX; its backend starts later)
 
-if not helpers.xla_accepts(helpers.CHEAP_EMITTERS):
-  helpers.CHEAP_EMITTERS = ""
-
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
     + " --xla_force_host_platform_device_count=8 "

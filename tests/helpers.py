@@ -28,19 +28,10 @@ FAST_COMPILE = ("--xla_backend_optimization_level=0 "
                 "--xla_llvm_disable_expensive_passes=true")
 
 
-# XLA's CPU backend emits fused loops through its newer MLIR "fusion
-# emitters" by default; its older elemental emitter compiles the tiny train
-# step of the tests in 2.9 s instead of 7.4 s (with FAST_COMPILE; 12.9 vs
-# 14.7 s fully optimised) and runs it as fast (benchmarks/train_throughput.py
-# refS / digits: within noise). Every test process gets it, pytest's own
-# through conftest.py, which drops it (`xla_accepts`) from a jaxlib whose XLA
-# no longer knows it: an unknown XLA flag aborts the process.
-CHEAP_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+def _if_accepted(flag: str) -> str:
+  """`flag` if this jaxlib's XLA starts with it in XLA_FLAGS, else ''.
 
-
-def xla_accepts(flag: str) -> bool:
-  """Whether this jaxlib's XLA starts with `flag` in XLA_FLAGS.
-
+  An unknown XLA flag aborts the process, and setup.py does not pin jaxlib.
   Probed once per pytest run in a subprocess; the answer is kept in the
   environment, which xdist workers and test subprocesses inherit.
   """
@@ -51,7 +42,18 @@ def xla_accepts(flag: str) -> bool:
         env=dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu"),
         capture_output=True, check=False)
     os.environ[key] = flag if probe.returncode == 0 else ""
-  return os.environ[key] == flag
+  return flag if os.environ[key] == flag else ""
+
+
+# XLA's CPU backend emits fused loops through its newer MLIR "fusion
+# emitters" by default; its older elemental emitter compiles the tiny train
+# step of the tests (`Trainer(...).train_step.lower(...).compile()` on
+# configs/digits.py:tiny) in 2.9 s instead of 7.4 s with FAST_COMPILE (12.9
+# vs 14.7 s fully optimised) and runs as fast (benchmarks/train_throughput.py
+# refS / digits with the flag in XLA_FLAGS: within noise). Every test process
+# gets it: pytest's own through conftest.py, subprocesses through
+# `xla_flags`.
+CHEAP_EMITTERS = _if_accepted("--xla_cpu_use_fusion_emitters=false")
 
 
 def xla_flags(devices: int) -> str:
