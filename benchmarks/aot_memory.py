@@ -55,6 +55,7 @@ sys.path.insert(0, REPO)
 
 import bench_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from farmer_jax import inference  # pylint: disable=g-import-not-at-top,wrong-import-position
+from farmer_jax import sampling
 from farmer_jax import sharding
 from farmer_jax import train
 
@@ -175,15 +176,16 @@ def compile_sampler(config, mesh, per_device: int) -> tuple[dict, float]:
   _, abstract, _ = train.create_sharded_state(config, model, tx, mesh)
   batch_sharding = sharding.batch_sharding(mesh, config)
   n = per_device * len(mesh.devices.flat)
+  static_kw, traced_kw = sampling.split_traceable(
+      inference.sampling_kwargs(config.sample))
   fn = inference._sampler(  # pylint: disable=protected-access
-      model, batch_sharding, 0.0, None,
-      tuple(sorted(inference.sampling_kwargs(config.sample).items())))
+      model, batch_sharding, 0.0, None, tuple(sorted(static_kw.items())))
   labels = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=batch_sharding)
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32,
                              sharding=sharding.replicated(mesh))
   with sharding.context(mesh, config):
     compiled = fn.lower({"params": abstract.ema_params}, None, rng,
-                        labels).compile()
+                        labels, traced_kw).compile()
   return memory(compiled), time.perf_counter() - start
 
 

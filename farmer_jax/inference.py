@@ -321,19 +321,36 @@ def sampling_flags() -> dict:
 
 
 @functools.lru_cache(maxsize=16)
-def _sampler(model, batch_sharding, denoise_sigma, decode_fn, kw):
-  """One jitted sampler per (model, options); jit caches by shape."""
+def _sampler(model, batch_sharding, denoise_sigma, decode_fn, static_kw):
+  """One jitted sampler per (model, static options); jit caches by shape.
+
+  Its last argument holds the traced options (`sampling.split_traceable`):
+  a sweep over guidance weights or temperatures reuses one executable.
+  """
   fn = functools.partial(sampling.sample_images, model,
                          denoise_sigma=denoise_sigma, decode_fn=decode_fn,
-                         **dict(kw))
+                         **dict(static_kw))
 
-  def sample(params, decoder_variables, rng, labels):
+  def sample(params, decoder_variables, rng, labels, traced_kw):
     images, fallbacks = fn(params, rng, labels, return_fallbacks=True,
-                           decoder_variables=decoder_variables)
+                           decoder_variables=decoder_variables, **traced_kw)
     return nll.to_uint8(images), fallbacks
 
-  return jax.jit(sample, in_shardings=(None, None, None, batch_sharding),
+  return jax.jit(sample, in_shardings=(None, None, None, batch_sharding, None),
                  out_shardings=(batch_sharding, batch_sharding))
+
+
+def sampler(run: Run, decode_fn, denoise: bool, kw: dict):
+  """`(jitted sampler, its traced options)` for `sampling_kwargs` `kw`.
+
+  The sampler is `fn(variables, decoder_variables, rng, labels, traced) ->
+  (uint8 images, fallbacks)`; options that differ only in `traced` values
+  share it (and its compiled executables).
+  """
+  static_kw, traced_kw = sampling.split_traceable(kw)
+  sigma = float(run.config.noise_min) if denoise else 0.0
+  return _sampler(run.model, run.batch_sharding, sigma, decode_fn,
+                  tuple(sorted(static_kw.items()))), traced_kw
 
 
 def generate(run: Run, labels: Sequence[int], seed: int, *,
@@ -364,10 +381,8 @@ def generate(run: Run, labels: Sequence[int], seed: int, *,
   per_call = batch_size or len(labels)
   per_call = -(-per_call // run.batch_shards) * run.batch_shards
   kw = sampling_kwargs(run.config.sample, **kwargs)
-  sigma = float(run.config.noise_min) if denoise else 0.0
   decode_fn, decoder_variables = decoder or (None, None)
-  fn = _sampler(run.model, run.batch_sharding, sigma, decode_fn,
-                tuple(sorted(kw.items())))
+  fn, traced_kw = sampler(run, decode_fn, denoise, kw)
   rng = jax.random.PRNGKey(seed)
   out, fallbacks = [], 0
   for i, start in enumerate(range(0, len(labels), per_call)):
@@ -381,7 +396,7 @@ def generate(run: Run, labels: Sequence[int], seed: int, *,
                   # (also right when the mesh spans several hosts).
                   jax.make_array_from_callback(
                       padded.shape, run.batch_sharding,
-                      lambda index, a=padded: a[index]))
+                      lambda index, a=padded: a[index]), traced_kw)
     images, counts = metrics.to_host((images, counts))  # all hosts
     out.append(images[:len(chunk)])
     fallbacks += int(counts[:len(chunk)].sum())

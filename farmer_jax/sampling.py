@@ -76,7 +76,11 @@ often the guided target was not sampled (`inference.generate`'s `stats`).
 Everything is jittable with the options bound statically (e.g. with
 `functools.partial`), deterministic given `rng`, and batch-parallel: no
 operation mixes batch elements, so it shards over the data axis when the
-caller jits it with sharded `labels`.
+caller jits it with sharded `labels`. The numbers that only enter the
+arithmetic (`TRACEABLE`: the guidance weight, the temperatures,
+`r_var_scale`) may also be jit arguments (`split_traceable`): a sweep over
+them then compiles once. A zero `cfg_scale` or `r_var_scale` stays static,
+since it changes the program (one stream; component means).
 """
 import dataclasses
 import math
@@ -112,6 +116,36 @@ def _number(ok):
   """Check: a finite real number (not a bool) for which `ok` holds."""
   return lambda v: (isinstance(v, numbers.Real) and not isinstance(v, bool)
                     and math.isfinite(v) and ok(v))
+
+
+# Fields that only enter the arithmetic: they may be traced (jit arguments).
+TRACEABLE = ("cfg_scale", "logit_temp", "scale_temp", "weigh_logit_temp",
+             "weigh_scale_temp", "resample_temp", "r_var_scale")
+# Of those, a static 0 takes another branch: one stream without guidance;
+# `z^R` at its component means.
+_ZERO_IS_STRUCTURAL = ("cfg_scale", "r_var_scale")
+
+
+def _static(value) -> bool:
+  """A Python / NumPy number, not a jax array or tracer."""
+  return isinstance(value, numbers.Number)
+
+
+def _static_zero(value) -> bool:
+  return _static(value) and value == 0
+
+
+def split_traceable(options: dict) -> Tuple[dict, dict]:
+  """Checked options -> `(static, traced)`: `traced` holds the `TRACEABLE`
+  values (not a zero that `_ZERO_IS_STRUCTURAL`), to pass to a jitted
+  sampler as an argument; `static` the rest, with those keys left out.
+  `sample_latents(..., **static, **traced)` is `sample_latents(...,
+  **options)`."""
+  SamplingOptions(**options)
+  traced = {k: float(v) for k, v in options.items() if k in TRACEABLE
+            and not (k in _ZERO_IS_STRUCTURAL and v == 0)}
+  static = {k: v for k, v in options.items() if k not in traced}
+  return static, traced
 
 
 # (field, check, what it must be): the checks of `SamplingOptions`.
@@ -193,6 +227,8 @@ class SamplingOptions:
   def __post_init__(self):
     for name, ok, what in _OPTION_CHECKS:
       value = getattr(self, name)
+      if name in TRACEABLE and not _static(value):
+        continue  # traced: checked before tracing (`split_traceable`).
       if not ok(value):
         raise ValueError(
             f"sampling option {name}={value!r} must be {what}; set "
@@ -200,7 +236,8 @@ class SamplingOptions:
 
   @property
   def guided(self) -> bool:
-    return self.guidance != "none" and self.cfg_scale != 0.0
+    """Two streams; a traced `cfg_scale` is a nonzero one."""
+    return self.guidance != "none" and not _static_zero(self.cfg_scale)
 
 
 # --- Guidance rules: pure functions of mixtures ----------------------------
@@ -378,7 +415,10 @@ def draw_counted(rng: jax.Array, mix_c: gmm.Mixture,
     'rejection' accepted no try or 'closed_form' met an improper target,
     and fell back to `p_c` (0 for the other rules).
   """
-  spread = math.sqrt(opts.r_var_scale) if redundant else 1.0
+  spread = 1.0
+  if redundant:
+    v = opts.r_var_scale
+    spread = math.sqrt(v) if _static(v) else jnp.sqrt(v)
   none = jnp.zeros(mix_c.logits.shape[:-1], jnp.int32)
   if mix_u is None or not opts.guided:
     return gmm.sample(rng, mix_c, opts.logit_temp,
@@ -392,13 +432,15 @@ def draw_counted(rng: jax.Array, mix_c: gmm.Mixture,
     weigh_temps = (opts.weigh_logit_temp, opts.weigh_scale_temp)
     propose = lambda m: temper(m, *proposal_temps)
     # None: the proposal itself ('balance' then needs two log-probs, not 4).
-    weigh = lambda m: None if weigh_temps == proposal_temps else temper(
-        m, *weigh_temps)
+    same = all(_static(a) and _static(b) and a == b
+               for a, b in zip(weigh_temps, proposal_temps))
+    weigh = lambda m: None if same else temper(m, *weigh_temps)
     return resample_cfg(rng, propose(mix_c), propose(mix_u), w, num_c, num_u,
                         weigh_c=weigh(mix_c), weigh_u=weigh(mix_u),
                         proposal=opts.proposal,
                         resample_temp=opts.resample_temp), none
-  if spread == 0:  # the guided Gaussian's mean, both rules' limit.
+  if redundant and _static_zero(opts.r_var_scale):
+    # The guided Gaussian's mean, both rules' limit.
     mix_c, mix_u = (temper(m, opts.logit_temp, opts.scale_temp)
                     for m in (mix_c, mix_u))
     return closed_form_cfg(rng, mix_c, mix_u, w, noise_scale=0.0,

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -25,6 +26,7 @@ from farmer_jax import inference
 from farmer_jax import metrics
 from farmer_jax import models
 from farmer_jax import nll
+from farmer_jax import sampling
 from farmer_jax import score
 from farmer_jax import sharding
 from farmer_jax import train
@@ -77,6 +79,31 @@ def test_generate_is_deterministic_and_in_range(run):
   np.testing.assert_array_equal(a, b)
   assert (a != c).any()
   assert a.std() > 10  # not a constant image
+
+
+def test_a_sweep_of_weights_and_temperatures_compiles_one_sampler(run):
+  """Guidance weights and temperatures are jit arguments, not constants:
+  `evaluate`'s sweeps compile once, and the draws are those of the options
+  bound statically."""
+  labels = np.arange(run.batch_shards)  # one batch, no padding
+  kws = [dict(cfg_scale=1.0), dict(cfg_scale=3.0, logit_temp=0.7,
+                                   resample_temp=2.0, r_var_scale=0.5)]
+  fns = [inference.sampler(run, None, False, inference.sampling_kwargs(
+      run.config.sample, **kw))[0] for kw in kws]
+  assert fns[0] is fns[1]
+  for kw in kws:
+    traced = inference.generate(run, labels, seed=5, **kw)
+    options = inference.sampling_kwargs(run.config.sample, **kw)
+    with sharding.context(run.mesh, run.config):
+      static = jax.jit(functools.partial(sampling.sample_images, run.model,
+                                         **options))(
+          run.variables, jax.random.fold_in(jax.random.PRNGKey(5), 0),
+          jnp.asarray(labels, jnp.int32))
+    np.testing.assert_array_equal(traced, nll.to_uint8(static))
+  assert fns[0]._cache_size() == 1  # pylint: disable=protected-access
+  # A zero weight is another program (one stream), not a traced zero.
+  assert inference.sampler(run, None, False, inference.sampling_kwargs(
+      run.config.sample, cfg_scale=0.0))[0] is not fns[0]
 
 
 def test_evaluate_writes_exact_bpd_and_sweep(run, trained_workdir):

@@ -5,6 +5,7 @@ samplers are built once per module (`functools.cache`) and shared by the
 asserts. The guidance rules are tested as pure functions of 1-D mixtures
 against densities integrated on a grid.
 """
+import dataclasses
 import functools
 import math
 
@@ -293,9 +294,20 @@ def toy_mixture_nd(toy, n=N_DRAWS):
 
 
 @functools.cache
+def _jitted_draw(static_items, redundant):
+  def fn(rng, mix_c, mix_u, traced):
+    opts = sampling.SamplingOptions(**dict(static_items), **traced)
+    return sampling.draw(rng, mix_c, mix_u, opts, redundant)
+  return jax.jit(fn)
+
+
 def draw_fn(opts, redundant=False):
-  return jax.jit(functools.partial(sampling.draw, opts=opts,
-                                   redundant=redundant))
+  """`sampling.draw` jitted as `inference` jits the sampler: the numbers of
+  `sampling.TRACEABLE` are arguments, so options that differ only in them
+  share one compiled program."""
+  static, traced = sampling.split_traceable(dataclasses.asdict(opts))
+  fn = _jitted_draw(tuple(sorted(static.items())), redundant)
+  return lambda rng, mix_c, mix_u: fn(rng, mix_c, mix_u, traced)
 
 
 resample_fn = jax.jit(sampling.resample_cfg, static_argnums=(4, 5),
