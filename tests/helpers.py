@@ -2,9 +2,11 @@
 gs:// bucket."""
 import builtins
 import contextlib
+import glob
 import importlib.util
 import io
 import os
+import struct
 import subprocess
 import sys
 
@@ -12,6 +14,8 @@ from etils.epath import backend as epath_backend
 from etils.epath import gpath
 import flax.linen as nn
 import jax
+import numpy as np
+from tensorboard.compat.proto import event_pb2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -254,3 +258,26 @@ def _refusing_gs(fn):
                            "(farmer_jax.fileio)")
     return fn(path, *args, **kwargs)
   return guarded
+
+
+def _records(path):
+  """The records of a TFRecord file (TensorBoard events), CRCs unchecked."""
+  with open(path, "rb") as f:
+    while len(header := f.read(12)) == 12:
+      (length,) = struct.unpack("<Q", header[:8])
+      yield f.read(length)
+      f.read(4)
+
+
+def scalars(workdir: str, tag: str) -> dict:
+  """{step: value} of a scalar in every events file of `workdir`."""
+  # Reads the protos directly: TensorBoard's loaders import TensorFlow.
+  out = {}
+  for path in sorted(glob.glob(os.path.join(workdir, "events.out.*"))):
+    for record in _records(path):
+      event = event_pb2.Event.FromString(record)
+      for value in event.summary.value:
+        if value.tag == tag:
+          out[event.step] = float(np.frombuffer(value.tensor.tensor_content,
+                                                np.float32)[0])
+  return out

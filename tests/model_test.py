@@ -220,9 +220,9 @@ def test_gradients_reach_every_parameter(redundant_prior):
   for group in ["flow", "prior"]:
     assert group in grads
   assert "head_I" in grads["prior"] and "head_R" in grads["prior"]
-  flat = jax.tree_util.tree_leaves_with_path(grads)
-  for path, g in flat:
-    assert float(jnp.abs(g).max()) > 0, jax.tree_util.keystr(path)
+  flat = jax.tree_util.tree_leaves_with_path(jax.device_get(grads))
+  for path, g in flat:  # NumPy: no eager op compiled per leaf shape.
+    assert np.abs(g).max() > 0, jax.tree_util.keystr(path)
 
 
 def test_gaussian_prior_is_tarflow_objective():

@@ -22,13 +22,11 @@ import glob
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
 
 import numpy as np
-from tensorboard.compat.proto import event_pb2
 
 import helpers
 
@@ -117,29 +115,6 @@ def _wait_all(procs, timeout_s: float = TIMEOUT_S) -> None:
     assert p.returncode == 0, open(p.log).read()[-3000:]
 
 
-def _records(path):
-  """The records of a TFRecord file (TensorBoard events), CRCs unchecked."""
-  with open(path, "rb") as f:
-    while len(header := f.read(12)) == 12:
-      (length,) = struct.unpack("<Q", header[:8])
-      yield f.read(length)
-      f.read(4)
-
-
-def scalars(workdir: str, tag: str) -> dict:
-  """{step: value} of a scalar in every events file of `workdir`."""
-  # Reads the protos directly: TensorBoard's loaders import TensorFlow.
-  out = {}
-  for path in sorted(glob.glob(os.path.join(workdir, "events.out.*"))):
-    for record in _records(path):
-      event = event_pb2.Event.FromString(record)
-      for value in event.summary.value:
-        if value.tag == tag:
-          out[event.step] = float(np.frombuffer(value.tensor.tensor_content,
-                                                np.float32)[0])
-  return out
-
-
 def _assert_close(a: dict, b: dict, steps) -> None:
   for step in steps:
     assert abs(a[step] - b[step]) <= TOLERANCE, (step, a[step], b[step])
@@ -185,11 +160,13 @@ def test_two_processes_train_like_one_and_resume_on_one(tmp_path):
     iter_dir = os.path.join(two, "checkpoints", str(STOP), "data_iter")
     assert sorted(f for f in os.listdir(iter_dir) if f.endswith(".json")) == [
         "process_0-of-2.json", "process_1-of-2.json"]
-    loss_two, loss_one = (scalars(w, "train/loss") for w in (two, one))
+    loss_two, loss_one = (helpers.scalars(w, "train/loss")
+                          for w in (two, one))
     assert sorted(loss_two) == list(range(1, STOP + 1))
     assert sorted(loss_one) == list(range(1, STEPS + 1))
     _assert_close(loss_two, loss_one, range(1, STOP + 1))
-    _assert_close(scalars(two, "eval/bpd"), scalars(one, "eval/bpd"), [STOP])
+    _assert_close(helpers.scalars(two, "eval/bpd"),
+                  helpers.scalars(one, "eval/bpd"), [STOP])
 
     # One process on the FSDP mesh resumes the 2-process checkpoint. Beside
     # it, two processes distil the 1-process run's flow inverse (issue 14
@@ -202,10 +179,11 @@ def test_two_processes_train_like_one_and_resume_on_one(tmp_path):
         "--num_processes=2", f"--process_id={i}"), 2) for i in range(2)]
     _wait_all([resume] + distillers)
   assert "written by another number of processes" in open(resume.log).read()
-  loss_two = scalars(two, "train/loss")
+  loss_two = helpers.scalars(two, "train/loss")
   assert sorted(loss_two) == list(range(1, STEPS + 1))
   _assert_close(loss_two, loss_one, range(STOP + 1, STEPS + 1))
-  _assert_close(scalars(two, "eval/bpd"), scalars(one, "eval/bpd"), [STEPS])
+  _assert_close(helpers.scalars(two, "eval/bpd"),
+                helpers.scalars(one, "eval/bpd"), [STEPS])
   assert os.path.exists(os.path.join(
       two, "images", f"reconstructions_{STEPS}.png"))
 
@@ -213,9 +191,9 @@ def test_two_processes_train_like_one_and_resume_on_one(tmp_path):
   # iterator state per process, a finite evaluation before and after.
   (events,) = glob.glob(os.path.join(student, "events.out.*"))
   assert f".{distillers[0].pid}." in os.path.basename(events), events
-  assert sorted(scalars(student, "train/loss")) == list(
+  assert sorted(helpers.scalars(student, "train/loss")) == list(
       range(1, DISTILL_STEPS + 1))
-  rmse = scalars(student, "eval/recon_rmse")
+  rmse = helpers.scalars(student, "eval/recon_rmse")
   assert sorted(rmse) == [0, DISTILL_STEPS]
   assert all(np.isfinite(v) and 0 < v < 1 for v in rmse.values()), rmse
   assert sorted(os.listdir(os.path.join(student, "images"))) == [
