@@ -91,6 +91,8 @@ def test_a_sweep_of_weights_and_temperatures_compiles_one_sampler(run):
   fns = [inference.sampler(run, None, False, inference.sampling_kwargs(
       run.config.sample, **kw))[0] for kw in kws]
   assert fns[0] is fns[1]
+  # Other tests may have compiled it already (for this batch shape or not).
+  compiled = fns[0]._cache_size()  # pylint: disable=protected-access
   for kw in kws:
     traced = inference.generate(run, labels, seed=5, **kw)
     options = inference.sampling_kwargs(run.config.sample, **kw)
@@ -100,7 +102,8 @@ def test_a_sweep_of_weights_and_temperatures_compiles_one_sampler(run):
           run.variables, jax.random.fold_in(jax.random.PRNGKey(5), 0),
           jnp.asarray(labels, jnp.int32))
     np.testing.assert_array_equal(traced, nll.to_uint8(static))
-  assert fns[0]._cache_size() == 1  # pylint: disable=protected-access
+  added = fns[0]._cache_size() - compiled  # pylint: disable=protected-access
+  assert added <= 1, added
   # A zero weight is another program (one stream), not a traced zero.
   assert inference.sampler(run, None, False, inference.sampling_kwargs(
       run.config.sample, cfg_scale=0.0))[0] is not fns[0]
