@@ -6,9 +6,9 @@ compile time does not grow with depth. Attention supports two modes:
 * full: `x [B, T, D]` -> `[B, T, D]`, causal or bidirectional; it also
   returns the keys/values `[B, T, H, Dh]` so a caller can prefill a cache;
 * cached step: `x [B, t, D]` at positions `pos .. pos + t - 1` with an
-  explicit cache `(k, v)`, each `[B, T_max, H, Dh]`; returns the new
-  tokens' keys/values `[B, t, H, Dh]` (the caller writes them into its
-  cache).
+  explicit cache `(k, v)`, each `[B, H, T_max, Dh]` (head-major), of which
+  positions `< pos` are read; returns the new tokens' keys/values
+  `[B, t, H, Dh]` (the caller writes them into its cache).
 
 Caches are explicit arrays (not a Flax 'cache' collection) so that sampling
 code can keep several of them (conditional / unconditional streams for
@@ -51,11 +51,12 @@ class LayerNorm(nn.Module):
 class Attention(nn.Module):
   """Multi-head dot-product self-attention with an optional explicit cache.
 
-  The scores go through `jax.nn.dot_product_attention` (causal masking by
-  `is_causal`, the cache's valid length by `key_value_seq_lengths`: no mask
-  tensor is built here), so `implementation='cudnn'` gives cuDNN's fused
-  attention on GPU; `'xla'` (the default) works everywhere; `None` lets JAX
-  choose. Logits and softmax are float32 whatever the activation dtype.
+  Full mode goes through `jax.nn.dot_product_attention` (causal masking by
+  `is_causal`: no mask tensor is built here), so `implementation='cudnn'`
+  gives cuDNN's fused attention on GPU; `'xla'` (the default) works
+  everywhere; `None` lets JAX choose. A cached step (one token at a time
+  when sampling) uses `cached_attention`. Logits and softmax are float32
+  whatever the activation dtype.
 
   Attributes:
     num_heads: number of heads; the width must divide by it.
@@ -71,7 +72,7 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, cache: Optional[Cache] = None, pos=None,
                return_kv: bool = False):
-    b, t, d = x.shape
+    d = x.shape[-1]
     h = self.num_heads
     dh = d // h
     w_qkv = logical_param(self, "qkv", nn.initializers.normal(d ** -0.5),
@@ -84,20 +85,50 @@ class Attention(nn.Module):
     q, k, v = (jnp.einsum("btd,dhk->bthk", x, w_qkv[:, i].astype(self.dtype))
                for i in range(3))
     if cache is None:
-      keys, values, lengths = k, v, None
+      out = jax.nn.dot_product_attention(
+          q, k, v, is_causal=self.causal, implementation=self.implementation)
       new_kv = (k, v) if return_kv else None
     else:
       k_cache, v_cache = cache
       new_kv = (k.astype(k_cache.dtype), v.astype(v_cache.dtype))
-      keys = jax.lax.dynamic_update_slice(k_cache, new_kv[0], (0, pos, 0, 0))
-      values = jax.lax.dynamic_update_slice(v_cache, new_kv[1], (0, pos, 0, 0))
-      lengths = jnp.full((b,), pos + t, jnp.int32)
-    out = jax.nn.dot_product_attention(
-        q, keys.astype(self.dtype), values.astype(self.dtype),
-        is_causal=self.causal and cache is None,
-        key_value_seq_lengths=lengths, implementation=self.implementation)
+      out = cached_attention(q, k_cache.astype(self.dtype),
+                             v_cache.astype(self.dtype), k, v, pos)
     out = jnp.einsum("bqhk,hkd->bqd", out, w_out.astype(self.dtype))
     return out, new_kv
+
+
+def cached_attention(q, k_cache, v_cache, k_new, v_new, pos):
+  """Causal attention of `t` new tokens at `pos ..` over a cache and
+  themselves, without writing them into the cache first.
+
+  Args:
+    q, k_new, v_new: the new tokens' `[B, t, H, Dh]`.
+    k_cache, v_cache: `[B, H, T, Dh]` (head-major: the scores are a batched
+      matmul over `(B, H)` with no transposed copy of the cache); positions
+      `>= pos` are ignored.
+    pos: the first new token's position (traced).
+
+  Returns:
+    `[B, t, H, Dh]`. Logits and softmax in float32.
+  """
+  t, dh = q.shape[1], q.shape[-1]
+  f32 = jnp.float32
+  scale = dh ** -0.5
+  old = jnp.einsum("bqhd,bhkd->bhqk", q, k_cache,
+                   preferred_element_type=f32) * scale
+  old = jnp.where(jnp.arange(k_cache.shape[2]) < pos, old, -jnp.inf)
+  new = jnp.einsum("bqhd,bkhd->bhqk", q, k_new,
+                   preferred_element_type=f32) * scale
+  new = jnp.where(jnp.tril(jnp.ones((t, t), bool)), new, -jnp.inf)
+  p = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1)
+  p = p.astype(q.dtype)
+  # Both halves summed in float32 and rounded once, as one matmul over all
+  # keys would be (bf16 rounding each half measurably breaks the inverse).
+  out = (jnp.einsum("bhqk,bhkd->bqhd", p[..., :-t], v_cache,
+                    preferred_element_type=f32)
+         + jnp.einsum("bhqk,bkhd->bqhd", p[..., -t:], v_new,
+                      preferred_element_type=f32))
+  return out.astype(q.dtype)
 
 
 class Mlp(nn.Module):
@@ -180,7 +211,7 @@ class Transformer(nn.Module):
   `__call__(x [B, T, D], cache=None, pos=None, return_kv=False) -> (y, kv)`.
   In full mode `kv` is None unless `return_kv`, then the per-layer keys and
   values `[L, B, T, H, Dh]` (to prefill a cache); in cached mode (cache
-  given) the updated cache of the same layout.
+  `[L, B, H, T_max, Dh]` given) the updated cache.
 
   Attributes:
     scan: True runs the layers as one loop (compile time flat in depth);
@@ -222,13 +253,14 @@ class Transformer(nn.Module):
       # `[L, B, t, H, Dh]` go in with one update after the loop, which XLA
       # does in place (a cache carried through the layer loop is copied
       # whole at every step).
-      kv = tuple(jax.lax.dynamic_update_slice(c, new, (0, 0, pos, 0, 0))
+      kv = tuple(jax.lax.dynamic_update_slice(
+          c, jnp.swapaxes(new, 2, 3), (0, 0, 0, pos, 0))
                  for c, new in zip(cache, kv))
     return LayerNorm(self.dtype, name="norm")(x), kv
 
 
 def init_cache(num_layers: int, batch: int, length: int, width: int,
                num_heads: int, dtype=jnp.float32) -> Cache:
-  """An empty KV cache `(k, v)`, each `[L, B, length, H, Dh]`."""
-  shape = (num_layers, batch, length, num_heads, width // num_heads)
+  """An empty KV cache `(k, v)`, each `[L, B, H, length, Dh]`."""
+  shape = (num_layers, batch, num_heads, length, width // num_heads)
   return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
