@@ -599,8 +599,9 @@ def sample_latents(model: Farmer, params: Any, rng: jax.Array,
     return_fallbacks: also return each image's count of guided draws that
       fell back to `p_c` (`[B]` int32, see `decode_latents`), last.
     **options: fields of `SamplingOptions` (`cfg_scale`, `guidance`,
-      `num_candidates`, ...), the rest at their defaults. They are static:
-      bind them before `jax.jit`.
+      `num_candidates`, ...), the rest at their defaults. Bind them before
+      `jax.jit`; the `TRACEABLE` numbers may instead be jit arguments (see
+      `split_traceable`).
 
   Returns:
     `z` float32 `[B, N, d]`, or a tuple `(z, [mixtures], [fallbacks])`
