@@ -55,7 +55,6 @@ sys.path.insert(0, REPO)
 
 import bench_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from farmer_jax import inference  # pylint: disable=g-import-not-at-top,wrong-import-position
-from farmer_jax import sampling
 from farmer_jax import sharding
 from farmer_jax import train
 
@@ -169,17 +168,15 @@ def compile_train_step(config, mesh) -> tuple[dict, float]:
 
 
 def compile_sampler(config, mesh, per_device: int) -> tuple[dict, float]:
-  """Memory of the compiled sampler (inference._sampler) on the EMA params."""
+  """Memory of the compiled sampler (inference.sampler) on the EMA params."""
   start = time.perf_counter()
   model = train.Farmer(config.model)
   tx, _ = train.create_optimizer(config)
   _, abstract, _ = train.create_sharded_state(config, model, tx, mesh)
   batch_sharding = sharding.batch_sharding(mesh, config)
   n = per_device * len(mesh.devices.flat)
-  static_kw, traced_kw = sampling.split_traceable(
-      inference.sampling_kwargs(config.sample))
-  fn = inference._sampler(  # pylint: disable=protected-access
-      model, batch_sharding, 0.0, None, tuple(sorted(static_kw.items())))
+  fn, traced_kw = inference.sampler(model, batch_sharding,
+                                    inference.sampling_kwargs(config.sample))
   labels = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=batch_sharding)
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32,
                              sharding=sharding.replicated(mesh))

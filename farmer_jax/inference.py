@@ -340,7 +340,8 @@ def _sampler(model, batch_sharding, denoise_sigma, decode_fn, static_kw):
                  out_shardings=(batch_sharding, batch_sharding))
 
 
-def sampler(run: Run, decode_fn, denoise: bool, kw: dict):
+def sampler(model, batch_sharding, kw: dict, denoise_sigma: float = 0.0,
+            decode_fn=None):
   """`(jitted sampler, its traced options)` for `sampling_kwargs` `kw`.
 
   The sampler is `fn(variables, decoder_variables, rng, labels, traced) ->
@@ -348,8 +349,7 @@ def sampler(run: Run, decode_fn, denoise: bool, kw: dict):
   share it (and its compiled executables).
   """
   static_kw, traced_kw = sampling.split_traceable(kw)
-  sigma = float(run.config.noise_min) if denoise else 0.0
-  return _sampler(run.model, run.batch_sharding, sigma, decode_fn,
+  return _sampler(model, batch_sharding, denoise_sigma, decode_fn,
                   tuple(sorted(static_kw.items()))), traced_kw
 
 
@@ -382,7 +382,8 @@ def generate(run: Run, labels: Sequence[int], seed: int, *,
   per_call = -(-per_call // run.batch_shards) * run.batch_shards
   kw = sampling_kwargs(run.config.sample, **kwargs)
   decode_fn, decoder_variables = decoder or (None, None)
-  fn, traced_kw = sampler(run, decode_fn, denoise, kw)
+  sigma = float(run.config.noise_min) if denoise else 0.0
+  fn, traced_kw = sampler(run.model, run.batch_sharding, kw, sigma, decode_fn)
   rng = jax.random.PRNGKey(seed)
   out, fallbacks = [], 0
   for i, start in enumerate(range(0, len(labels), per_call)):

@@ -136,11 +136,13 @@ def _static_zero(value) -> bool:
 
 
 def split_traceable(options: dict) -> Tuple[dict, dict]:
-  """Checked options -> `(static, traced)`: `traced` holds the `TRACEABLE`
-  values (not a zero that `_ZERO_IS_STRUCTURAL`), to pass to a jitted
-  sampler as an argument; `static` the rest, with those keys left out.
-  `sample_latents(..., **static, **traced)` is `sample_latents(...,
-  **options)`."""
+  """Options -> `(static, traced)`, after checking them.
+
+  `traced` holds the `TRACEABLE` values, except a zero `cfg_scale` or
+  `r_var_scale` (which changes the program), to pass to a jitted sampler as
+  an argument; `static` holds the rest. `sample_latents(..., **static,
+  **traced)` is `sample_latents(..., **options)`.
+  """
   SamplingOptions(**options)
   traced = {k: float(v) for k, v in options.items() if k in TRACEABLE
             and not (k in _ZERO_IS_STRUCTURAL and v == 0)}

@@ -88,8 +88,9 @@ def test_a_sweep_of_weights_and_temperatures_compiles_one_sampler(run):
   labels = np.arange(run.batch_shards)  # one batch, no padding
   kws = [dict(cfg_scale=1.0), dict(cfg_scale=3.0, logit_temp=0.7,
                                    resample_temp=2.0, r_var_scale=0.5)]
-  fns = [inference.sampler(run, None, False, inference.sampling_kwargs(
-      run.config.sample, **kw))[0] for kw in kws]
+  fns = [inference.sampler(run.model, run.batch_sharding,
+                           inference.sampling_kwargs(run.config.sample,
+                                                     **kw))[0] for kw in kws]
   assert fns[0] is fns[1]
   # Other tests may have compiled it already (for this batch shape or not).
   compiled = fns[0]._cache_size()  # pylint: disable=protected-access
@@ -105,8 +106,9 @@ def test_a_sweep_of_weights_and_temperatures_compiles_one_sampler(run):
   added = fns[0]._cache_size() - compiled  # pylint: disable=protected-access
   assert added <= 1, added
   # A zero weight is another program (one stream), not a traced zero.
-  assert inference.sampler(run, None, False, inference.sampling_kwargs(
-      run.config.sample, cfg_scale=0.0))[0] is not fns[0]
+  unguided = inference.sampling_kwargs(run.config.sample, cfg_scale=0.0)
+  assert inference.sampler(run.model, run.batch_sharding,
+                           unguided)[0] is not fns[0]
 
 
 def test_evaluate_writes_exact_bpd_and_sweep(run, trained_workdir):

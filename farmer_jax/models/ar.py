@@ -198,9 +198,7 @@ class ARPrior(nn.Module):
     seq = jnp.broadcast_to(cond[:, None], (cond.shape[0], r, cond.shape[-1]))
     h, (k, v) = self.transformer(seq + self.pos_emb[:r].astype(seq.dtype),
                                  return_kv=True)
-    cache = tuple(jax.lax.dynamic_update_slice_in_dim(
-        c, jnp.swapaxes(new, 2, 3).astype(c.dtype), 0, axis=3)
-                  for c, new in zip(cache, (k, v)))
+    cache = layers.write_cache(cache, (k, v), 0)
     return self._mixture(self.head_I, h[:, -1], self.cfg.K_I,
                          self.cfg.d_I), cache
 

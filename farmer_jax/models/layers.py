@@ -253,10 +253,16 @@ class Transformer(nn.Module):
       # `[L, B, t, H, Dh]` go in with one update after the loop, which XLA
       # does in place (a cache carried through the layer loop is copied
       # whole at every step).
-      kv = tuple(jax.lax.dynamic_update_slice(
-          c, jnp.swapaxes(new, 2, 3), (0, 0, 0, pos, 0))
-                 for c, new in zip(cache, kv))
+      kv = write_cache(cache, kv, pos)
     return LayerNorm(self.dtype, name="norm")(x), kv
+
+
+def write_cache(cache: Cache, kv: Cache, pos) -> Cache:
+  """Writes per-layer keys/values `[L, B, t, H, Dh]` (the layers' output)
+  into a cache `[L, B, H, T_max, Dh]` at positions `pos .. pos + t - 1`."""
+  return tuple(jax.lax.dynamic_update_slice(
+      c, jnp.swapaxes(new, 2, 3).astype(c.dtype), (0, 0, 0, pos, 0))
+               for c, new in zip(cache, kv))
 
 
 def init_cache(num_layers: int, batch: int, length: int, width: int,
