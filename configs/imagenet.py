@@ -2,16 +2,18 @@ r"""FARMER on ImageNet, class-conditional, at 64x64 or 256x256.
 
 The paper's models (FARMER-1.1B and FARMER-1.9B, ImageNet 256). A launch
 with `slice=NAME` is one whose train step was compiled for that slice
-ahead of time (benchmarks/aot_memory.py, TPU compiler; table in README,
-Benchmarks) and fits with >= 15% of HBM free:
+ahead of time (benchmarks/aot_memory.py, the TPU compiler for TPU slices;
+table in README, Benchmarks) and fits with >= 15% of HBM free:
 
   launch/run.sh --config=configs/imagenet.py:res=256,size=1.1B,slice=v5litepod-64 \
     --workdir=gs://BUCKET/farmer/imagenet256-1.1B \
     -- --config.data.tfds_data_dir=gs://BUCKET/tfds
 
-FARMER-1.9B (`size=1.9B`, patch 8 by default) has no measured launch yet:
-check it first with `python benchmarks/aot_memory.py --rows=1.9B/8@v5p-128`
-(README "Benchmarks"), then add its LAUNCH row.
+Any other size, patch or slice: check it first with
+`python benchmarks/aot_memory.py --rows=SIZE/PATCH@SLICE` (README
+"Benchmarks"), then add its LAUNCH row. The 8xH100 rows were compiled by
+XLA's CPU compiler on 8 fake devices (no GPU compiler here): an estimate,
+to be checked on the GPU before a long run.
 
 Data: `imagenet2012` prepared once in array_record format (nothing is
 downloaded; the ILSVRC2012 tar files go in DIR/downloads/manual first):
@@ -107,6 +109,14 @@ LAUNCH = {
     ("1.9B", 16, "v5p-128"): 1,  # 8.52 of 95 GiB per chip (libtpu).
     ("1.9B", 8, "v5p-128"): 1,  # 22.20 of 95 GiB per chip (libtpu).
     ("1.9B", 8, "v4-32"): 4,  # 24.65 of 32 GiB per chip (libtpu).
+    ("1.9B", 16, "v5litepod-64"): 1,  # 9.12 of 16 GiB per chip (libtpu).
+    ("1.9B", 8, "v5litepod-64"): 2,  # 10.14 of 16 GiB per chip (libtpu).
+    # 8 GPUs, 128 images per device per step: CPU-compiled estimates of
+    # 80 GB (74.5 GiB) per GPU; without accumulation none fits.
+    ("1.1B", 16, "8xH100"): 2,  # 47.24 GiB (accum 1: 89.83).
+    ("1.1B", 8, "8xH100"): 4,  # 40.25 GiB (accum 1: 149.89).
+    ("1.9B", 16, "8xH100"): 2,  # 56.57 GiB (accum 1: 105.45).
+    ("1.9B", 8, "8xH100"): 4,  # 55.38 GiB (accum 1: 204.58).
 }
 
 

@@ -6,8 +6,10 @@ config must validate for the devices it is meant for and have exactly the
 keys of configs/digits.py. Parameter counts of the ImageNet sizes are taken
 abstractly (`jax.eval_shape`), so no weights are allocated.
 """
+import ast
 import dataclasses
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -283,6 +285,34 @@ def test_imagenet_launch_settings():
     helpers.load_config("imagenet", "res=256,size=B,slice=v5litepod-64")
   with pytest.raises(ValueError, match="patch=12"):
     helpers.load_config("imagenet", "res=256,patch=12")
+
+
+def _slice_devices() -> dict[str, int]:
+  """`benchmarks/aot_memory.py` SLICES: slice name -> devices (parsed, so
+  this test does not import the benchmark's flags)."""
+  path = os.path.join(helpers.REPO, "benchmarks", "aot_memory.py")
+  with open(path) as f:
+    tree = ast.parse(f.read())
+  node = next(n for n in tree.body if isinstance(n, ast.Assign)
+              and getattr(n.targets[0], "id", "") == "SLICES")
+  return {ast.literal_eval(k): ast.literal_eval(v.elts[1])
+          for k, v in zip(node.value.keys, node.value.values)}
+
+
+def test_every_launch_validates_on_its_slice_and_has_a_measured_row():
+  module = helpers.load_config_module("imagenet")
+  devices = _slice_devices()
+  with open(os.path.join(helpers.REPO, "README.md")) as f:
+    readme = f.read()
+  for (size, patch, name), accum in module.LAUNCH.items():
+    config = module.get_config(f"res=256,size={size},patch={patch},"
+                               f"slice={name}")
+    assert config.grad_accum_steps == accum
+    config_lib.validate(config, num_devices=devices[name], process_count=1)
+    # The README's AOT table has the row this entry was read from.
+    row = re.compile(rf"\| train \(scanned\) \| {re.escape(size)}/p{patch} "
+                     rf"\| {re.escape(name)} \|[^\n]*\| {accum} \| on \|")
+    assert row.search(readme), (size, patch, name, accum)
 
 
 def _num_params(model_config) -> int:

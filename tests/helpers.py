@@ -82,13 +82,18 @@ def optimized():
     jax.config.update("jax_disable_most_optimizations", before)
 
 
-def load_config(name: str = "digits", arg: str = "tiny"):
-  """`configs/<name>.py:get_config(arg)`, unlocked for overrides."""
+def load_config_module(name: str):
+  """The module `configs/<name>.py`."""
   path = os.path.join(REPO, "configs", f"{name}.py")
   spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return module
+
+
+def load_config(name: str = "digits", arg: str = "tiny"):
+  """`configs/<name>.py:get_config(arg)`, unlocked for overrides."""
+  return load_config_module(name).get_config(arg)
 
 
 def randomize(params, seed: int = 0, scale: float = 0.2):
