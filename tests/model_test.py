@@ -152,8 +152,12 @@ class _TwoTokenModel(nn.Module):
 
 @pytest.mark.parametrize("redundant_prior", ["shared", "token"])
 def test_density_integrates_to_one(redundant_prior):
-  cfg = tiny_model_config(af_blocks=2, d_I=1, K_I=3, K_R=2,
-                          redundant_prior=redundant_prior)
+  # Normalisation does not depend on how deep the networks computing the
+  # shifts, scales and mixtures are: one prior layer and one class token
+  # (the flow blocks have one layer each) make the 2.56M evaluations ~30%
+  # cheaper; both flow orders (2 blocks) are kept.
+  cfg = tiny_model_config(af_blocks=2, d_I=1, K_I=3, K_R=2, ar_layers=1,
+                          num_cond_tokens=1, redundant_prior=redundant_prior)
   model = _TwoTokenModel(cfg)
   labels = jnp.array([4])
   params = init_random(model, jnp.zeros((1, 2, 2)), labels, seed=3, scale=0.1)
