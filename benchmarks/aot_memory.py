@@ -68,6 +68,8 @@ _CPU = flags.DEFINE_bool("cpu", False, "Compile TPU rows on fake CPU devices.")
 _SHALLOW = flags.DEFINE_bool("shallow", False,
                              "2 flow blocks x 1 layer, 1 prior layer.")
 _SAMPLING = flags.DEFINE_bool("sampling", False, "Also compile the sampler.")
+_TRAIN = flags.DEFINE_bool("train", True, "Compile the train step "
+                           "(--notrain --sampling: the sampler only).")
 _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 1,
                                      "Sampler images per device.")
 
@@ -206,6 +208,24 @@ HEADER = ["step", "model", "slice", "compiler", "mesh (data x fsdp x tensor)",
           "compile s"]
 
 
+def print_train_row(size, patch, slice_name, compiler, config, mesh,
+                    per_device_batch):
+  """Compiles the train step and prints its row (or why it does not fit)."""
+  try:
+    mem, seconds = compile_train_step(config, mesh)
+    cells = table_row("train", size, patch, slice_name, compiler, config,
+                      mesh, mem, seconds, per_device_batch)
+  except Exception as e:  # pylint: disable=broad-except
+    # The TPU compiler refuses a program that does not fit: a row too.
+    text = re.sub(r"\s+", " ", str(e))[:160].replace("|", "/")
+    cells = ["train", f"{size}/p{patch}", slice_name, compiler, "-",
+             per_device_batch, config.grad_accum_steps,
+             "-", "-", "-", "-", "-", "-", f"{SLICES[slice_name][2]:.1f}",
+             f"does not compile: {text}", "-"]
+  print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+
+
+
 def main(argv):
   del argv
   jax.config.update("jax_enable_compilation_cache", False)
@@ -217,18 +237,9 @@ def main(argv):
     devices, compiler = devices_for(slice_name, _CPU.value)
     mesh = sharding.create_mesh(config, devices=devices)
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    try:
-      mem, seconds = compile_train_step(config, mesh)
-      cells = table_row("train", size, patch, slice_name, compiler, config,
-                        mesh, mem, seconds, config.batch_size // batch_shards)
-    except Exception as e:  # pylint: disable=broad-except
-      # The TPU compiler refuses a program that does not fit: a row too.
-      text = re.sub(r"\s+", " ", str(e))[:160].replace("|", "/")
-      cells = ["train", f"{size}/p{patch}", slice_name, compiler, "-",
-               config.batch_size // batch_shards, config.grad_accum_steps,
-               "-", "-", "-", "-", "-", "-", f"{SLICES[slice_name][2]:.1f}",
-               f"does not compile: {text}", "-"]
-    print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+    if _TRAIN.value:
+      print_train_row(size, patch, slice_name, compiler, config, mesh,
+                      config.batch_size // batch_shards)
     if _SAMPLING.value:
       mem, seconds = compile_sampler(config, mesh, _SAMPLE_BATCH.value)
       print("| " + " | ".join(str(c) for c in table_row(
