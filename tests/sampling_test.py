@@ -687,4 +687,8 @@ def test_sampler_reports_fallbacks_per_image():
       model.num_tokens * model.token_dim)
   z_plain = sampler("sample_latents", cfg_scale=3.0, guidance="closed_form")(
       tiny_model()[1], jax.random.PRNGKey(0), LABELS)
-  np.testing.assert_array_equal(z, z_plain)
+  # The same draws: counting takes no randomness. Not bitwise: the two
+  # programs compile apart, and closed-form CFG's precision (1 + w) / s_c^2
+  # - w / s_u^2 magnifies rounding differences (measured 1.2e-4 at w = 3);
+  # another key would move every draw by O(1).
+  np.testing.assert_allclose(z, z_plain, rtol=0, atol=1e-3)
