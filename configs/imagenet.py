@@ -112,6 +112,8 @@ LAUNCH = {
     ("1.9B", 16, "v5litepod-64"): 1,  # 9.12 of 16 GiB per chip (libtpu).
     ("1.9B", 8, "v5litepod-64"): 2,  # 10.14 of 16 GiB per chip (libtpu).
     ("1.1B", 16, "v5litepod-256"): 1,  # 3.83 of 16 GiB per chip (libtpu).
+    ("1.1B", 16, "v5p-128"): 1,  # 6.58 of 95 GiB per chip (libtpu).
+    ("1.1B", 8, "v5p-128"): 1,  # 16.47 of 95 GiB per chip (libtpu).
     ("1.9B", 16, "v5litepod-256"): 1,  # 4.87 of 16 GiB per chip (libtpu).
     # 8 GPUs, 128 images per device per step: CPU-compiled estimates of
     # 80 GB (74.5 GiB) per GPU; without accumulation none fits.
