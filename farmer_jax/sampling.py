@@ -547,14 +547,14 @@ def _decode_informative(model, params, rng, mix, caches, opts,
           jnp.sum(fallbacks_nb, axis=0))
 
 
-def _decode_redundant(model, params, rng, z_i, caches, opts):
+def _decode_redundant(model, params, rng, z_i, caches, opts,
+                      num_streams: int):
   """Extra token -> `GMM_R`; draws every `z_i^R`: `([B,N,d_R], mix, fallbacks
   [B])`.
 
   `mix` has leading axes `[S, B]` (the paper's shared mixture) or `[S, B,
   N]` (`redundant_prior='token'`: one mixture per token, given `z_i^I`).
   """
-  num_streams = caches[0].shape[1] // z_i.shape[0]
   mix_r = _unfold(_prior(model, params, "decode_extra", caches,
                          _per_stream(z_i, num_streams)), num_streams)
   mix_c, mix_u = _split_streams(mix_r)
@@ -612,7 +612,7 @@ def decode_latents(model: Farmer, params: Any, rng: jax.Array,
   mix_r = None
   if model.token_dim > model.config.d_I:
     z_r, mix_r, fallbacks_r = _decode_redundant(model, params, rng_r, z,
-                                                caches, opts)
+                                                caches, opts, s)
     z = jnp.concatenate([z, z_r], axis=-1)
     fallbacks = fallbacks + fallbacks_r
   mixtures = dict(mix_I=mix_i, mix_R=mix_r) if keep_mixtures else None
