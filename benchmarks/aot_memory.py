@@ -54,6 +54,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import bench_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from farmer_jax import config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from farmer_jax import inference  # pylint: disable=g-import-not-at-top,wrong-import-position
 from farmer_jax import sharding
 from farmer_jax import train
@@ -235,6 +236,10 @@ def main(argv):
     size, patch, slice_name = parse_row(row)
     config = row_config(size, patch, slice_name)
     devices, compiler = devices_for(slice_name, _CPU.value)
+    try:  # what `main` would refuse is no row (e.g. a microbatch < devices)
+      config_lib.validate(config, num_devices=len(devices), process_count=1)
+    except config_lib.ConfigError as e:
+      raise SystemExit(f"--rows={row}: {e}") from e
     mesh = sharding.create_mesh(config, devices=devices)
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if _TRAIN.value:

@@ -3,10 +3,11 @@
 The script runs as CI would run it for a pod (the real train step, abstract
 state and batch with shardings, nothing allocated), on 8 fake CPU devices
 with a paper-shaped but shallow FARMER-1.1B (every width, res 256, patch 16,
-K_R = 200; 2 flow blocks, 1 prior layer). The per-device arguments must be
-the FSDP shard of the train state, counted independently: params, two AdamW
-moments and the EMA, float32 (16 bytes per parameter) over 8 devices, plus
-the batch shard.
+K_R = 200; 2 flow blocks, 1 prior layer), and its guided sampler. The
+per-device arguments must be the FSDP shard of the train state, counted
+independently: params, two AdamW moments and the EMA, float32 (16 bytes per
+parameter) over 8 devices, plus the batch shard; the sampler's, the shard
+of the EMA parameters alone.
 """
 import os
 import subprocess
@@ -29,10 +30,11 @@ def test_aot_memory_prints_the_fsdp_shard_of_the_state():
              TF_CPP_MIN_LOG_LEVEL="3")
   out = subprocess.run(
       [sys.executable, os.path.join("benchmarks", "aot_memory.py"),
-       "--rows=1.1B/16@8xH100", "--shallow", "--overrides=batch_size=16"],
+       "--rows=1.1B/16@8xH100", "--shallow", "--overrides=batch_size=16",
+       "--sampling"],
       cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
-  (row,) = _rows(out.stdout)
+  row, sample = _rows(out.stdout)
   assert (row["step"], row["model"], row["compiler"]) == (
       "train", "1.1B/p16", "CPU (8 fake devices)"), row
   assert row["mesh (data x fsdp x tensor)"] == "1x8x1"  # full FSDP default.
@@ -50,3 +52,10 @@ def test_aot_memory_prints_the_fsdp_shard_of_the_state():
       row["arguments GiB"])
   free = float(row["free"].rstrip("%"))
   assert abs(free - 100 * (1 - peak / float(row["HBM GiB"]))) < 1.0
+  # The sampler (one image per device) reads only the EMA parameters,
+  # sharded like the state: 4 bytes per parameter over 8 devices.
+  assert (sample["step"], sample["batch / device"]) == ("sample", "1"), sample
+  ema = 4 * params / 8
+  sample_args = float(sample["arguments GiB"]) * GIB
+  assert abs(sample_args - ema) < 0.02 * ema, (sample_args, ema, sample)
+  assert 0 < float(sample["peak GiB"]) < peak, sample
