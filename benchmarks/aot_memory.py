@@ -27,7 +27,9 @@ outputs, against the chip's HBM; compile s = trace + lower + compile.
   python benchmarks/aot_memory.py --rows=1.1B/16@v5litepod-64,1.9B/8@v5p-128
 
 With `--sampling` the sampler of `farmer_jax.sample` (EMA params, resampling
-CFG, exact flow inverse) is compiled too, at `--sample_batch` per device.
+CFG, exact flow inverse) is compiled too, at `--sample_batch` per device
+(`--notrain --sampling`: the sampler alone). A row whose config `main`
+would refuse (`config_lib.validate`) is an error, not a row.
 `--shallow` keeps every width but cuts depth to 2 flow blocks of 1 layer and
 a 1-layer prior (CI's fast, paper-shaped check).
 """
@@ -224,7 +226,6 @@ def print_train_row(size, patch, slice_name, compiler, config, mesh,
              "-", "-", "-", "-", "-", "-", f"{SLICES[slice_name][2]:.1f}",
              f"does not compile: {text}", "-"]
   print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
-
 
 
 def main(argv):
