@@ -234,6 +234,12 @@ def _template(with_logits: bool):
 
 def expected_keys(with_logits: bool = False) -> dict:
   """State-dict key -> PyTorch shape of every array the `.npz` must hold."""
+  return dict(_expected_keys(with_logits))
+
+
+@functools.lru_cache(maxsize=2)
+def _expected_keys(with_logits: bool) -> dict:
+  # Tracing the network's init takes ~2 s; every load and check asks again.
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(
       _template(with_logits))[0]:
