@@ -41,7 +41,8 @@ PROPOSALS = ("paper", "balance")
 ADDED_KEYS = {
     # Layer loops and attention before they were configurable; remat was a
     # bool (True = 'full') and still may be.
-    "model": dict(redundant_prior="shared", scan_layers=True, attention="xla"),
+    "model": dict(redundant_prior="shared", scan_layers=True, attention="xla",
+                  matmul_precision="default"),
     # FID / IS: off for runs trained before the section existed.
     "inception": dict(weights="", num_real=-1, reference_split="",
                       batch_size=100),
@@ -236,6 +237,7 @@ _CHOICES = (
     ("model.redundant_prior", REDUNDANT_PRIORS),
     ("model.dtype", DTYPES),
     ("model.attention", ATTENTION_IMPLEMENTATIONS),
+    ("model.matmul_precision", layers.MATMUL_PRECISIONS),
     ("model.remat", REMAT_CHOICES),
     ("model.channels", CHANNELS),
     ("noise_schedule", NOISE_SCHEDULES),
@@ -297,6 +299,12 @@ def _check_model(model) -> None:
            f"config.model.d_I={model.d_I} is outside [1, d] where d = "
            f"patch_size**2 * channels = {d} is the token dim; set "
            f"config.model.d_I in 1..{d} (the paper: 128 of 768).")
+  # Measured on an H200 (benchmarks/accelerator_check.py): cuDNN's fused
+  # attention refuses float32 ("Q must be fp16/bf16/fp8...") at trace time.
+  _require(model.attention != "cudnn" or model.dtype == "bfloat16",
+           f"config.model.attention='cudnn' needs config.model.dtype="
+           f"'bfloat16' (cuDNN's fused attention takes no float32); got "
+           f"{model.dtype!r}. Use attention='xla' for float32.")
   for part in ("af", "ar"):
     width, heads = model[f"{part}_width"], model[f"{part}_heads"]
     _require(width % heads == 0,

@@ -40,6 +40,12 @@ BAD = [
     ({"model.prior": "jetformer"}, "config.model.prior",
      "('farmer', 'gaussian')"),
     ({"model.dtype": "float16"}, "config.model.dtype", "one of them"),
+    ({"model.matmul_precision": "tf32"}, "config.model.matmul_precision",
+     "('default', 'high', 'highest')"),
+    # cuDNN's fused attention refused float32 on an H200 (NotImplementedError
+    # at trace time): caught before a run starts.
+    ({"model.attention": "cudnn"}, "config.model.attention='cudnn'",
+     "dtype='bfloat16'"),
     ({"model.num_classes": -1}, "config.model.num_classes=-1", "0 or more"),
     ({"model.num_classes": 5}, "config.model.num_classes=5",
      "set config.model.num_classes=10"),

@@ -339,6 +339,37 @@ def test_unrolled_and_rematerialised_models_compute_the_same(
   assert float(jnp.abs(back - x).max()) < 1e-4
 
 
+@pytest.mark.parametrize("name, expect", [("highest", "HIGHEST"),
+                                          ("default", "DEFAULT")])
+def test_matmul_precision_reaches_every_matmul(name, expect):
+  # On a GPU 'default' is TF32 and the exact inverse misses by ~0.07 (README
+  # "On a GPU"); the CPU cannot show that, but the lowered programs show
+  # whether every dot asks for the configured precision: the training
+  # gradient, the exact inverse and KV-cached AR sampling. The process
+  # default ('highest' in this file) is set to 'default' around the traces,
+  # so a dot that forgets the config's precision shows as DEFAULT.
+  from farmer_jax import sampling  # pylint: disable=g-import-not-at-top
+  model = Farmer(tiny_model_config(matmul_precision=name,
+                                   redundant_prior="token"))
+  x, labels = images(), jnp.arange(3, dtype=jnp.int32)
+  params = init_random(model, x, labels)
+  z = jnp.zeros((3, model.num_tokens, model.token_dim))
+  programs = {
+      "gradient": lambda p: jax.grad(
+          lambda p: model.apply(p, x, labels)["log_prob"].sum())(p),
+      "inverse": lambda p: model.apply(p, z, labels, method=Farmer.decode),
+      "sampling": lambda p: sampling.sample_latents(
+          model, p, jax.random.PRNGKey(0), labels),
+  }
+  with jax.default_matmul_precision("default"):
+    for what, fn in programs.items():
+      dots = [l for l in jax.jit(fn).lower(params).as_text().splitlines()
+              if "dot_general" in l]
+      assert dots, what
+      wrong = [l for l in dots if f"precision = [{expect}, {expect}]" not in l]
+      assert not wrong, (what, len(wrong), len(dots), wrong[0])
+
+
 def test_old_per_block_checkpoints_convert_to_stacked_blocks():
   """`flow.stack_blocks`: `block0..block{n-1}` -> `blocks` with a leading
   block axis, in block order; stacked trees pass through."""

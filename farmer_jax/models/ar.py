@@ -33,7 +33,7 @@ class ARPrior(nn.Module):
   Attributes:
     cfg: model config (ar_width, ar_layers, ar_heads, mlp_ratio, d_I, K_I,
       K_R, num_cond_tokens, num_classes, label_drop, head_init_std,
-      scale_floor, dtype, remat, scan_layers, attention).
+      scale_floor, dtype, remat, scan_layers, attention, matmul_precision).
     num_tokens: N.
     token_dim: d.
   """
@@ -49,12 +49,13 @@ class ARPrior(nn.Module):
     cfg = self.cfg
     w = cfg.ar_width
     dtype = jnp.dtype(cfg.dtype)
+    prec = layers.precision(cfg.matmul_precision)
     self.class_emb = nn.Embed(
         cfg.num_classes + 1, w, name="class_emb",
         embedding_init=nn.with_logical_partitioning(
             nn.initializers.normal(0.02), ("vocab", "embed")))
     self.proj_in = nn.Dense(
-        w, dtype=dtype, name="proj_in",
+        w, dtype=dtype, precision=prec, name="proj_in",
         kernel_init=nn.with_logical_partitioning(
             nn.initializers.xavier_uniform(), (None, "embed")))
     seq_len = cfg.num_cond_tokens + self.num_tokens + 1
@@ -67,20 +68,20 @@ class ARPrior(nn.Module):
     self.transformer = layers.Transformer(
         cfg.ar_layers, cfg.ar_heads, cfg.mlp_ratio, causal=True, dtype=dtype,
         remat=cfg.remat, scan=cfg.scan_layers, attention=cfg.attention,
-        name="transformer")
+        precision=prec, name="transformer")
     self.head_I = self._head(cfg.K_I, cfg.d_I, "head_I")
     if self.d_r > 0:
       self.head_R = self._head(cfg.K_R, self.d_r, "head_R")
       if cfg.redundant_prior == "token":
         self.token_R = nn.Dense(
-            w, dtype=dtype, name="token_R",
+            w, dtype=dtype, precision=prec, name="token_R",
             kernel_init=nn.with_logical_partitioning(
                 nn.initializers.xavier_uniform(), (None, "embed")))
         self.pos_R = self.param(
             "pos_R", nn.with_logical_partitioning(
                 nn.initializers.normal(0.02), ("length", "embed")),
             (self.num_tokens, w))
-        self.mlp_R = layers.Mlp(cfg.mlp_ratio, dtype, name="mlp_R")
+        self.mlp_R = layers.Mlp(cfg.mlp_ratio, dtype, prec, name="mlp_R")
         self.norm_R = layers.LayerNorm(dtype, name="norm_R")
       elif cfg.redundant_prior != "shared":
         raise ValueError(f"config.model.redundant_prior="
@@ -98,7 +99,8 @@ class ARPrior(nn.Module):
       return offset + std * jax.random.normal(rng, shape, dtype)
 
     return nn.Dense(
-        gmm.num_outputs(k, d), dtype=jnp.float32, name=name,
+        gmm.num_outputs(k, d), dtype=jnp.float32,
+        precision=layers.precision(self.cfg.matmul_precision), name=name,
         kernel_init=nn.with_logical_partitioning(
             nn.initializers.normal(std / self.cfg.ar_width ** 0.5),
             ("embed", "mixture")),

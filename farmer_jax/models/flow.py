@@ -38,7 +38,7 @@ class FlowBlock(nn.Module):
   Attributes:
     cfg: the model config (uses af_width, af_heads, af_layers_per_block,
       mlp_ratio, scale_clip, af_class_cond, num_classes, dtype, remat,
-      scan_layers, attention).
+      scan_layers, attention, matmul_precision).
     num_tokens: N.
     token_dim: d.
     causal: True for the flow; the one-step student (`models/student.py`,
@@ -53,8 +53,9 @@ class FlowBlock(nn.Module):
     cfg = self.cfg
     w = cfg.af_width
     dtype = jnp.dtype(cfg.dtype)
+    prec = layers.precision(cfg.matmul_precision)
     self.proj_in = nn.Dense(
-        w, dtype=dtype, name="proj_in",
+        w, dtype=dtype, precision=prec, name="proj_in",
         kernel_init=nn.with_logical_partitioning(
             nn.initializers.xavier_uniform(), (None, "embed")))
     self.pos_emb = self.param(
@@ -69,10 +70,11 @@ class FlowBlock(nn.Module):
     self.transformer = layers.Transformer(
         cfg.af_layers_per_block, cfg.af_heads, cfg.mlp_ratio,
         causal=self.causal, dtype=dtype, remat=cfg.remat,
-        scan=cfg.scan_layers, attention=cfg.attention, name="transformer")
+        scan=cfg.scan_layers, attention=cfg.attention, precision=prec,
+        name="transformer")
     # Zero init: the block starts as the identity map (spec section 2).
     self.head = nn.Dense(
-        2 * self.token_dim, dtype=jnp.float32, name="head",
+        2 * self.token_dim, dtype=jnp.float32, precision=prec, name="head",
         kernel_init=nn.with_logical_partitioning(
             nn.initializers.zeros, ("embed", None)),
         bias_init=nn.initializers.zeros)

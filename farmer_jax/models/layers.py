@@ -17,6 +17,7 @@ guidance) and stay purely functional.
 Parameters carry logical axis names (`embed`, `mlp`, `heads`, `kv`,
 `layers`); `farmer_jax.sharding` maps them onto the device mesh.
 """
+import contextlib
 from typing import Any, Optional, Tuple
 
 import flax.linen as nn
@@ -25,6 +26,27 @@ import jax.numpy as jnp
 
 Cache = Tuple[jax.Array, jax.Array]
 Dtype = Any
+
+# `config.model.matmul_precision`: what every matmul of the model asks of
+# the backend (`jax.lax.Precision` names). 'default' lets it choose: on a
+# GPU XLA rounds float32 operands to TF32, on a TPU to one bfloat16 pass,
+# and the exact inverse then misses by 0.05-0.08 where 'highest' misses by
+# 3e-5 (README "On a GPU"). On a CPU the three are the same.
+MATMUL_PRECISIONS = ("default", "high", "highest")
+
+
+def precision(name: str) -> Optional[str]:
+  """A `MATMUL_PRECISIONS` name -> the `precision=` of a dot (None: default)."""
+  if name not in MATMUL_PRECISIONS:
+    raise ValueError(f"config.model.matmul_precision={name!r}: use one of "
+                     f"{MATMUL_PRECISIONS}.")
+  return None if name == "default" else name
+
+
+def precision_scope(name: Optional[str]):
+  """The dots traced inside use `name` (None: the process default)."""
+  return (jax.default_matmul_precision(name) if name
+          else contextlib.nullcontext())
 
 def logical_param(module: nn.Module, name: str, init_fn, shape, axes):
   """A float32 parameter annotated with logical axis names."""
@@ -63,15 +85,22 @@ class Attention(nn.Module):
     causal: mask future positions (full mode). Cached mode is always causal.
     dtype: compute dtype of the projections and attention.
     implementation: `jax.nn.dot_product_attention`'s `implementation`.
+    precision: of every matmul here (`precision()`; None: the default).
   """
   num_heads: int
   causal: bool
   dtype: Dtype = jnp.float32
   implementation: Optional[str] = "xla"
+  precision: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, cache: Optional[Cache] = None, pos=None,
                return_kv: bool = False):
+    # The scope reaches the dots inside dot_product_attention too.
+    with precision_scope(self.precision):
+      return self._attend(x, cache, pos, return_kv)
+
+  def _attend(self, x, cache, pos, return_kv):
     d = x.shape[-1]
     h = self.num_heads
     dh = d // h
@@ -135,6 +164,7 @@ class Mlp(nn.Module):
   """Two-layer GELU MLP, `d -> ratio * d -> d`."""
   ratio: int
   dtype: Dtype = jnp.float32
+  precision: Optional[str] = None
 
   @nn.compact
   def __call__(self, x):
@@ -145,10 +175,11 @@ class Mlp(nn.Module):
                        ("mlp",))
     w2 = logical_param(self, "wo", init, (self.ratio * d, d), ("mlp", "embed"))
     b2 = logical_param(self, "bo", nn.initializers.zeros, (d,), ("embed",))
-    y = jnp.dot(x.astype(self.dtype), w1.astype(self.dtype)) + b1.astype(
-        self.dtype)
+    y = jnp.dot(x.astype(self.dtype), w1.astype(self.dtype),
+                precision=self.precision) + b1.astype(self.dtype)
     y = nn.with_logical_constraint(nn.gelu(y), ("batch", "length", "mlp"))
-    return jnp.dot(y, w2.astype(self.dtype)) + b2.astype(self.dtype)
+    return jnp.dot(y, w2.astype(self.dtype),
+                   precision=self.precision) + b2.astype(self.dtype)
 
 
 class Layer(nn.Module):
@@ -164,15 +195,17 @@ class Layer(nn.Module):
   dtype: Dtype = jnp.float32
   attention: Optional[str] = "xla"
   return_kv: bool = False
+  precision: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, cache: Optional[Cache], pos):
     y, new_kv = Attention(self.num_heads, self.causal, self.dtype,
-                          self.attention, name="attn")(
+                          self.attention, self.precision, name="attn")(
                               LayerNorm(self.dtype)(x), cache, pos,
                               self.return_kv)
     x = x + y
-    x = x + Mlp(self.mlp_ratio, self.dtype, name="mlp")(LayerNorm(self.dtype)(x))
+    x = x + Mlp(self.mlp_ratio, self.dtype, self.precision,
+                name="mlp")(LayerNorm(self.dtype)(x))
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     return x, new_kv
 
@@ -219,6 +252,7 @@ class Transformer(nn.Module):
       models: no loop-carried buffers).
     remat: a `REMAT_POLICIES` name ('none' = no rematerialisation) or a bool.
     attention: `jax.nn.dot_product_attention`'s implementation.
+    precision: of every matmul (`precision()`; None: the backend default).
   """
   num_layers: int
   num_heads: int
@@ -228,6 +262,7 @@ class Transformer(nn.Module):
   remat: Any = "none"
   scan: bool = True
   attention: Optional[str] = "xla"
+  precision: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, cache: Optional[Cache] = None, pos=None,
@@ -247,7 +282,8 @@ class Transformer(nn.Module):
     x = nn.with_logical_constraint(x.astype(self.dtype),
                                    ("batch", "length", "embed"))
     x, kv = stack(self.num_heads, self.mlp_ratio, self.causal, self.dtype,
-                  self.attention, return_kv, name="layers")(x, cache, pos)
+                  self.attention, return_kv, self.precision,
+                  name="layers")(x, cache, pos)
     if cache is not None:
       # The layers only read the cache; the new tokens' keys/values
       # `[L, B, t, H, Dh]` go in with one update after the loop, which XLA
