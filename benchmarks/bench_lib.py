@@ -128,10 +128,13 @@ def train_step_parts(config):
 
 
 def flops_of(compiled) -> float:
-  """XLA's FLOP count of a lowered or compiled step (its cost analysis)."""
+  """XLA's FLOP count of a lowered or compiled step (its cost analysis);
+  NaN where the backend gives none (a lowered step on a GPU)."""
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax: one dict per module.
     cost = cost[0]
+  if cost is None:  # a lowered (uncompiled) program on a GPU: no analysis.
+    return float("nan")
   return float(cost.get("flops", 0.0))
 
 

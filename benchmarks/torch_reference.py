@@ -8,7 +8,8 @@ without bias, GELU-tanh MLP x4), final LayerNorm, zero-initialised head
 giving mu and s = c tanh(raw / c) shifted right one token, the sequence
 reversed after every block; loss = mean exact NLL under N(0, I).
 
-Measured, float32, `--threads` CPU threads, per row:
+Measured, float32, on `--device` (the CPU with `--threads` threads, or e.g.
+`cuda`), per row:
 
 * train: forward + backward + global-norm clipping + AdamW + EMA (as
   `train.train_step`), `--warmup` untimed steps then the mean of `--steps`;
@@ -39,6 +40,9 @@ _THREADS = flags.DEFINE_integer("threads", 2, "torch.set_num_threads.")
 _INV_BATCH = flags.DEFINE_integer("inverse_batch", 16, "Batch of the inverse.")
 _INV_REPEATS = flags.DEFINE_integer("inverse_repeats", 3,
                                     "Timed inverse calls (after one untimed).")
+_DEVICE = flags.DEFINE_string("device", "cpu", "torch device: cpu, cuda.")
+_TF32 = flags.DEFINE_bool("tf32", False, "CUDA: allow TF32 matmuls (XLA's "
+                          "default for float32 dots on recent GPUs).")
 _COMPILE = flags.DEFINE_bool("compile", False,
                              "torch.compile the train step's model.")
 
@@ -157,15 +161,22 @@ class Flow(nn.Module):
     return nll.mean()
 
 
+def sync():
+  """Waits for the device's queued work (timing on an asynchronous GPU)."""
+  if _DEVICE.value.startswith("cuda"):
+    torch.cuda.synchronize()
+
+
 def check_inverse(row: str):
   """Aborts unless decode(encode(x)) == x to 1e-4 with perturbed heads."""
   torch.manual_seed(1)
-  model = Flow(*bench_lib.REFERENCE[row][:6])
+  model = Flow(*bench_lib.REFERENCE[row][:6]).to(_DEVICE.value)
   with torch.no_grad():
     for block in model.blocks:
       block.head.weight.normal_(0.0, 0.02)
       block.head.bias.normal_(0.0, 0.02)
-    tokens = model.patchify(torch.randn(4, *image_shape(row)))
+    tokens = model.patchify(torch.randn(4, *image_shape(row),
+                                        device=_DEVICE.value))
     z, logdet = model.encode(tokens)
   err = (model.decode(z) - tokens).abs().max().item()
   if not err < 1e-4 or logdet.abs().max().item() == 0.0:
@@ -199,7 +210,7 @@ def measure(row: str) -> list:
   """Times the train step and the inverse of one REFERENCE row."""
   torch.manual_seed(0)
   *arch, batch = bench_lib.REFERENCE[row]
-  model = Flow(*arch)
+  model = Flow(*arch).to(_DEVICE.value)
   params = list(model.parameters())
   ema = [p.detach().clone() for p in params]
   opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95),
@@ -207,7 +218,8 @@ def measure(row: str) -> list:
   loss_fn = model
   if _COMPILE.value:
     loss_fn = torch.compile(model)
-  images = torch.randint(0, 256, (batch, *image_shape(row)), dtype=torch.uint8)
+  images = torch.randint(0, 256, (batch, *image_shape(row)), dtype=torch.uint8,
+                         device=_DEVICE.value)
 
   def train_step(loss_fn):
     x = images.float() / 127.5 - 1.0
@@ -231,37 +243,44 @@ def measure(row: str) -> list:
       loss_fn = model
   for _ in range(_WARMUP.value):
     train_step(loss_fn)
+  sync()
   start = time.perf_counter()
   for _ in range(_STEPS.value):
     loss = train_step(loss_fn)
+  sync()
   step_s = (time.perf_counter() - start) / _STEPS.value
   if not math.isfinite(loss.item()):
     raise SystemExit(f"{row}: non-finite loss {loss.item()}")
 
   model.eval()
-  z = torch.randn(_INV_BATCH.value, model.n, arch[2] ** 2 * arch[1])
+  z = torch.randn(_INV_BATCH.value, model.n, arch[2] ** 2 * arch[1],
+                  device=_DEVICE.value)
   model.decode(z)  # untimed
   times = []
   for _ in range(_INV_REPEATS.value):
+    sync()
     start = time.perf_counter()
     model.decode(z)
+    sync()
     times.append(time.perf_counter() - start)
   inverse_s = statistics.median(times)
   num_params = sum(p.numel() for p in params)
   return [row, f"{num_params / 1e6:.3f}M", jax_param_count(row), compiled,
           step_s * 1e3, batch / step_s, _INV_BATCH.value / inverse_s,
-          torch.__version__, torch.get_num_threads()]
+          torch.__version__,
+          _DEVICE.value if _DEVICE.value != "cpu" else torch.get_num_threads()]
 
 
 def main(argv):
   del argv
   torch.set_num_threads(_THREADS.value)
-  check_inverse("refS")
+  check_inverse("refS")  # in float32 (with TF32 a GPU misses by ~2e-3)
+  torch.backends.cuda.matmul.allow_tf32 = _TF32.value
   rows = [measure(row) for row in _ROWS.value]
   print(bench_lib.table(
       ["row", "params", "farmer_jax params", "mode", "train ms/step",
        "train images/s", f"inverse images/s (batch {_INV_BATCH.value})",
-       "torch version", "threads"], rows))
+       "torch version", "threads / device"], rows))
 
 
 if __name__ == "__main__":

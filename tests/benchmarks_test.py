@@ -25,6 +25,8 @@ SMALLEST = {
                             "--repeats=1"], ["1"]),
     "profile_step.py": (["--configs=refS", "--priors=farmer", "--steps=1",
                          "--inverse_batch=2"], ["refS", "refS"]),
+    "accelerator_check.py": (["--rows=tiny", "--batch=2",
+                              "--inverse_batch=2"], ["tiny"]),
     # The PyTorch reference flow (torch is a test dependency).
     # One thread: torch's two threads stall each other beside the other
     # xdist worker (27 s instead of 7 s).

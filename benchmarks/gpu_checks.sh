@@ -1,0 +1,59 @@
+#!/bin/bash
+# The GPU checks behind README "On a GPU": correctness against the CPU, the
+# real program end to end, speed beside the PyTorch reference, and the
+# 8xH100 launch rows compiled by the GPU compiler. Run from the repository
+# root on a machine with one NVIDIA GPU, JAX with CUDA, Flax, Optax, Orbax
+# and PyTorch installed; grain, ml_collections and clu may come as wheels in
+# .whl/ (installed to /tmp/site). Logs go to $OUT (default: gpu_logs/).
+#
+#   bash benchmarks/gpu_checks.sh                 # every step, in order
+#   bash benchmarks/gpu_checks.sh aot_memory      # named steps only
+set -u
+OUT=${OUT:-gpu_logs}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+step() {  # name, seconds, command...: logged to $OUT/name.log, time-limited.
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name $(date +%T): $*"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  grep -v -E "^[IW][0-9]{4} |^WARNING" "$OUT/$name.log" | tail -40
+  echo "=== $name rc=$rc $(date +%T)"
+}
+
+gpu_info() {
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python3 -c "import jax, flax, optax, orbax.checkpoint, grain; \
+print('jax', jax.__version__, 'flax', flax.__version__, 'optax', \
+optax.__version__, jax.devices())"
+}
+
+[ $# -gt 0 ] || set -- gpu_info accelerator_check main_tiny train_throughput \
+  torch_reference aot_memory
+for what in "$@"; do
+  case "$what" in
+    gpu_info) gpu_info ;;
+    accelerator_check) step accelerator_check 150 python3 \
+      benchmarks/accelerator_check.py --rows=digits,refS ;;
+    main_tiny) step main_tiny 100 python3 -m farmer_jax.main \
+      --config=configs/digits.py:tiny --workdir=/tmp/wd_tiny ;;
+    train_throughput) step train_throughput 80 python3 \
+      benchmarks/train_throughput.py --sizes=refS,refM --priors=gaussian \
+      --batch_size=0 --steps=20 --warmup=3 --matmul_n=8192 \
+      --overrides=model.matmul_precision=default ;;
+    torch_reference) step torch_reference 45 python3 \
+      benchmarks/torch_reference.py --device=cuda --tf32 --rows=refS,refM \
+      --steps=20 --warmup=3 ;;
+    aot_memory) step aot_memory 120 python3 benchmarks/aot_memory.py --gpu \
+      --rows=${AOT_ROWS:-1.1B/16@8xH100,1.9B/16@8xH100} ;;
+    *) echo "unknown step $what"; exit 2 ;;
+  esac
+done
