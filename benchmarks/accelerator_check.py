@@ -41,13 +41,18 @@ _INV_BATCH = flags.DEFINE_integer("inverse_batch", 16,
                                   "Batch of the timed inverse.")
 
 
-def build(row: str, **model_overrides):
-  """`(model, perturbed params on the host, images, labels)` of a row."""
+def model_of(row: str, **model_overrides) -> Farmer:
   config = (bench_lib.load_config("tiny") if row == "tiny"
             else bench_lib.reference_config(row, "farmer"))
   config.model.update(model_overrides)
-  model = Farmer(config.model)
-  s, c = config.model.image_size, config.model.channels
+  return Farmer(config.model)
+
+
+def build(row: str):
+  """`(perturbed params on the host, images, labels)` of a row: the same
+  for every precision and activation dtype (parameters are float32)."""
+  model = model_of(row)
+  s, c = model.config.image_size, model.config.channels
   cpu = jax.devices("cpu")[0]
   with jax.default_device(cpu):
     params = jax.jit(model.init)(jax.random.PRNGKey(0),
@@ -61,8 +66,8 @@ def build(row: str, **model_overrides):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (_BATCH.value, s, s, c), dtype=np.uint8)
     x = nll.uniform_dequantize(jax.random.PRNGKey(3), jnp.asarray(images))
-  labels = np.arange(_BATCH.value, dtype=np.int32) % config.model.num_classes
-  return model, jax.device_get(params), np.asarray(x), labels
+  labels = np.arange(_BATCH.value, dtype=np.int32) % model.config.num_classes
+  return jax.device_get(params), np.asarray(x), labels
 
 
 def bpd_and_roundtrip(model, params, x, labels, device):
@@ -106,11 +111,12 @@ def main(argv):
   rows = []
   for row in _ROWS.value:
     start = time.perf_counter()
-    model, params, x, labels = build(row, matmul_precision="highest")
-    bpd_cpu, err_cpu = bpd_and_roundtrip(model, params, x, labels, cpu)
+    params, x, labels = build(row)
+    bpd_cpu, err_cpu = bpd_and_roundtrip(
+        model_of(row, matmul_precision="highest"), params, x, labels, cpu)
     bpd, err, speed = {}, {}, {}
     for name, overrides in SETTINGS.items():
-      model, params, x, labels = build(row, **overrides)
+      model = model_of(row, **overrides)
       if device == cpu and name != "bf16":  # the CPU's float32 is float32
         bpd[name], err[name] = bpd_cpu, err_cpu
       else:
