@@ -255,8 +255,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # 'cudnn': cuDNN's fused attention on a GPU (needs dtype 'bfloat16').
   config.model.attention = "xla"
   # bf16 activations already round the operands; 'default' lets the float32
-  # heads' matmuls use TF32 / one bf16 pass too. Set 'highest' to evaluate
-  # bits/dim or sample with full float32 matmuls (README "On a GPU").
+  # heads' matmuls use TF32 / one bf16 pass too. `--matmul_precision=highest`
+  # on sample / evaluate / score gives float32 matmuls (README "On a GPU").
   config.model.matmul_precision = "default"  # layers.MATMUL_PRECISIONS
 
   # Dequantisation noise during training (paper: 0.1 -> 0.005, cosine).

@@ -135,7 +135,8 @@ class Checkpointer:
         "directory's permissions, then rerun the same command to resume.")
 
   def check_config(self, step: int) -> None:
-    """Raises CheckpointMismatchError if the saved model config differs."""
+    """Raises CheckpointMismatchError if the saved model config differs
+    (`config_lib.RUNTIME_MODEL_KEYS` may)."""
     saved = self._manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))["config"]
     saved = {**config_lib.ADDED_KEYS["model"], **saved}
@@ -143,7 +144,8 @@ class Checkpointer:
     diffs = [f"model.{k}: checkpoint has {saved.get(k)!r}, config has "
              f"{current.get(k)!r}"
              for k in sorted(set(saved) | set(current))
-             if saved.get(k) != current.get(k)]
+             if saved.get(k) != current.get(k)
+             and k not in config_lib.RUNTIME_MODEL_KEYS]
     if diffs:
       raise CheckpointMismatchError(
           f"The checkpoint at step {step} in {self._manager.directory} was "

@@ -34,13 +34,18 @@ SOURCES = ("mnist", "digits", "tfds", "folder")
 GUIDANCE_RULES = ("resample", "rejection", "closed_form", "none")
 # Log-weights of resampling CFG (spec 7): the paper's Algorithm 1 | ours.
 PROPOSALS = ("paper", "balance")
+# Model keys that say how the matmuls run, not which function the
+# parameters define: a run may resume, be restored or be distilled with
+# another value (`checkpointing.Checkpointer.check_config` skips them), e.g.
+# float32 matmuls to evaluate a run trained with TF32 ones.
+RUNTIME_MODEL_KEYS = ("matmul_precision",)
 # Keys (and whole sections) added to the config ("": the top level) after
 # some runs were trained, with the values those runs used (their config.json
 # and checkpoints lack them; a callable gets the section and returns it):
 # `inference.load_config` and the checkpoint's model-config check fill them.
 ADDED_KEYS = {
-    # Layer loops and attention before they were configurable; remat was a
-    # bool (True = 'full') and still may be.
+    # Layer loops, attention and matmul precision before they were
+    # configurable; remat was a bool (True = 'full') and still may be.
     "model": dict(redundant_prior="shared", scan_layers=True, attention="xla",
                   matmul_precision="default"),
     # FID / IS: off for runs trained before the section existed.

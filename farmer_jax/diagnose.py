@@ -46,7 +46,7 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "The training run's --workdir.")
-  inference.define_mesh_flag()  # --mesh=-1,1,1 ...
+  inference.define_restore_flags()  # --mesh=-1,1,1, --matmul_precision
   flags.DEFINE_integer("num_images", 200, "Test images to diagnose.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_string("out", None, "Output folder (default: "
@@ -136,9 +136,11 @@ def _prior_order_patches(run, x):
 
 
 def diagnose(workdir: str, num_images: int = 200, seed: int = 0,
-             out: str = None, mesh: str = None) -> dict:
+             out: str = None, mesh: str = None,
+             matmul_precision: str = None) -> dict:
   """Everything the CLI reports, as a dict (also written as JSON + PNG)."""
-  run = inference.restore(workdir, mesh_shape=inference.parse_mesh(mesh))
+  run = inference.restore(workdir, mesh_shape=inference.parse_mesh(mesh),
+                          matmul_precision=matmul_precision)
   config = run.config
   out = out or fileio.path(workdir) / "diagnosis"
   images, labels = classifier.real_images(config, config.data.eval_split,
@@ -171,7 +173,8 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   print(json.dumps(diagnose(FLAGS.workdir, FLAGS.num_images, FLAGS.seed,
-                            FLAGS.out, FLAGS.mesh), indent=1))
+                            FLAGS.out, FLAGS.mesh,
+                            FLAGS.matmul_precision), indent=1))
 
 
 if __name__ == "__main__":

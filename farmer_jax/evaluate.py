@@ -65,7 +65,7 @@ def define_flags() -> None:
   """The flags of this CLI (defined only when run as a program)."""
   flags.DEFINE_string("workdir", None, "The training run's --workdir.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-  inference.define_mesh_flag()  # --mesh=-1,1,1 ...
+  inference.define_restore_flags()  # --mesh=-1,1,1, --matmul_precision
   flags.DEFINE_string("split", None, "Split (default: config.data."
                       "eval_split).")
   flags.DEFINE_integer("num_samples", None, "Samples for sample quality "
@@ -217,7 +217,7 @@ def evaluate(workdir: str, *, step=None, split=None, num_samples=None,
              cfg_scale=None, sweep: bool = False, batch_size: int = 250,
              seed: int = 0, student_workdir=None,
              inception_weights=None, bayes_images=None, mesh=None,
-             **sampling_overrides) -> dict:
+             matmul_precision=None, **sampling_overrides) -> dict:
   """Everything the CLI reports, as a dict (also written as JSON).
 
   With `student_workdir`, samples are decoded by the distilled one-step
@@ -225,7 +225,8 @@ def evaluate(workdir: str, *, step=None, split=None, num_samples=None,
   and the JSON goes to `eval/<step>_student.json`. `inception_weights`
   overrides `config.inception.weights` ('' skips FID / IS); `bayes_images`
   overrides `config.eval_bayes_images` (0 skips the Bayes-rule accuracy).
-  `mesh` (`(data, fsdp, tensor)` or '-1,1,1') replaces the run's mesh.
+  `mesh` (`(data, fsdp, tensor)` or '-1,1,1') replaces the run's mesh,
+  `matmul_precision` its `config.model.matmul_precision`.
   `sampling_overrides` (`sampling.SamplingOptions` fields, e.g.
   `logit_temp=0.5`; None = unset) replace `config.sample`'s options; the
   JSON records every option used (`sampling`) and goes to a file named
@@ -233,7 +234,8 @@ def evaluate(workdir: str, *, step=None, split=None, num_samples=None,
   """
   if isinstance(mesh, str):
     mesh = inference.parse_mesh(mesh)
-  run = inference.restore(workdir, step, mesh_shape=mesh)
+  run = inference.restore(workdir, step, mesh_shape=mesh,
+                          matmul_precision=matmul_precision)
   config = run.config
   overrides = {k: v for k, v in sampling_overrides.items() if v is not None}
   # Bad sampling options fail here, before anything is computed.
@@ -321,6 +323,7 @@ def main(argv) -> None:
                     student_workdir=FLAGS.student_workdir,
                     inception_weights=FLAGS.inception_weights,
                     bayes_images=FLAGS.bayes_images, mesh=FLAGS.mesh,
+                    matmul_precision=FLAGS.matmul_precision,
                     **inference.sampling_flags())
   print(json.dumps(result))
 

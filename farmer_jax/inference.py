@@ -37,6 +37,7 @@ from farmer_jax import sampling
 from farmer_jax import sharding
 from farmer_jax.models import Farmer
 from farmer_jax.models import init_params
+from farmer_jax.models import layers
 from farmer_jax.models import unpatchify
 from farmer_jax.models.student import StudentDecoder
 
@@ -131,7 +132,8 @@ def abstract_params(model: Farmer, config, mesh):
 def restore(workdir: str, step: Optional[int] = None,
             config: Optional[ml_collections.ConfigDict] = None, *,
             mesh: Optional[jax.sharding.Mesh] = None,
-            mesh_shape: Optional[Sequence[int]] = None) -> Run:
+            mesh_shape: Optional[Sequence[int]] = None,
+            matmul_precision: Optional[str] = None) -> Run:
   """Restores the EMA parameters (only) of the run in `workdir`.
 
   Args:
@@ -142,6 +144,9 @@ def restore(workdir: str, step: Optional[int] = None,
     mesh: restore onto this mesh (e.g. a distillation run's); else one is
       built from `mesh_shape` or the config's `mesh_shape`.
     mesh_shape: `(data, fsdp, tensor)` replacing the run's (`--mesh`).
+    matmul_precision: replaces `config.model.matmul_precision`
+      (`--matmul_precision`), e.g. 'highest' for float32 matmuls on a GPU
+      or TPU where the run trained with 'default'.
 
   Returns:
     A `Run`.
@@ -150,6 +155,13 @@ def restore(workdir: str, step: Optional[int] = None,
     MeshMismatchError: the mesh does not fit the devices here.
   """
   config = load_config(workdir) if config is None else config
+  if matmul_precision:
+    if matmul_precision not in layers.MATMUL_PRECISIONS:
+      raise config_lib.ConfigError(
+          f"--matmul_precision={matmul_precision!r}: use one of "
+          f"{layers.MATMUL_PRECISIONS}.")
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.matmul_precision = matmul_precision
   if mesh is None:
     config, mesh = create_mesh(config, workdir, mesh_shape)
   model = Farmer(config.model)
@@ -284,13 +296,18 @@ def sampling_kwargs(sample_config, **overrides) -> dict:
   return kw
 
 
-def define_mesh_flag() -> None:
-  """`--mesh=data,fsdp,tensor`: restore onto this mesh (`restore`)."""
+def define_restore_flags() -> None:
+  """`--mesh=data,fsdp,tensor` and `--matmul_precision` (`restore`)."""
   flags.DEFINE_string(
       "mesh", None, "Mesh shape data,fsdp,tensor to restore onto (one may be "
       "-1), e.g. -1,1,1 (data parallel) or 1,-1,1 (FSDP). Default: the run's "
       "config.mesh_shape, which must fit the devices here.",
       module_name=sys.argv[0])
+  flags.DEFINE_string(
+      "matmul_precision", None, "Replaces the run's config.model."
+      "matmul_precision (default, high, highest): 'highest' gives float32 "
+      "matmuls on a GPU / TPU (exact bits/dim and inverse) for a run that "
+      "trained with 'default'.", module_name=sys.argv[0])
 
 
 def define_sampling_flags() -> None:

@@ -34,7 +34,7 @@ def define_flags() -> None:
   """The flags of this CLI (defined only when run as a program)."""
   flags.DEFINE_string("workdir", None, "The training run's --workdir.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-  inference.define_mesh_flag()  # --mesh=-1,1,1 ...
+  inference.define_restore_flags()  # --mesh=-1,1,1, --matmul_precision
   flags.DEFINE_integer("num_samples", 64, "Number of images.")
   flags.DEFINE_list("labels", None, "Classes, cycled over the samples "
                     "(default: 0..num_classes-1 in turn).")
@@ -77,7 +77,8 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   run = inference.restore(FLAGS.workdir, FLAGS.step,
-                          mesh_shape=inference.parse_mesh(FLAGS.mesh))
+                          mesh_shape=inference.parse_mesh(FLAGS.mesh),
+                          matmul_precision=FLAGS.matmul_precision)
   labels = sample_labels(FLAGS.labels, run.config.model.num_classes,
                          FLAGS.num_samples)
   overrides = inference.sampling_flags()

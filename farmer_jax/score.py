@@ -43,7 +43,7 @@ def define_flags() -> None:
   """The flags of this CLI (defined only when run as a program)."""
   flags.DEFINE_string("workdir", None, "The training run's --workdir.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-  inference.define_mesh_flag()  # --mesh=-1,1,1 ...
+  inference.define_restore_flags()  # --mesh=-1,1,1, --matmul_precision
   flags.DEFINE_string("label", "null", "'null', 'marginal' or a class index.")
   flags.DEFINE_integer("num_dequant", 1, "Dequantisation draws per image.")
   flags.DEFINE_enum("format", "csv", ["csv", "json"], "Output format.")
@@ -178,7 +178,8 @@ def main(argv) -> None:
     raise app.UsageError(f"No image files ({', '.join(_EXTENSIONS)}) in "
                          f"{argv[1:]}.")
   run = inference.restore(FLAGS.workdir, FLAGS.step,
-                          mesh_shape=inference.parse_mesh(FLAGS.mesh))
+                          mesh_shape=inference.parse_mesh(FLAGS.mesh),
+                          matmul_precision=FLAGS.matmul_precision)
   rows = score_files(run, files, label=FLAGS.label,
                      num_dequant=FLAGS.num_dequant,
                      batch_size=FLAGS.batch_size, seed=FLAGS.seed)

@@ -41,6 +41,7 @@ import config_test
 import helpers
 from farmer_jax import checkpointing
 from farmer_jax import config_lib
+from farmer_jax import inference
 from farmer_jax import input_pipeline
 from farmer_jax import sharding
 from farmer_jax import train
@@ -372,6 +373,27 @@ def test_checkpoint_of_another_model_fails_and_is_untouched(reference):
           and "model.af_width: checkpoint has 32, config has 16" in error
           and "Use a new --workdir" in error), error
   assert file_digests(reference) == before
+
+
+def test_matmul_precision_may_differ_from_the_checkpoint(reference):
+  # How the matmuls run, not what the parameters define
+  # (config_lib.RUNTIME_MODEL_KEYS): a run saved before the key existed
+  # ('default', ADDED_KEYS) resumes under the configs' 'highest', and a
+  # TF32-trained run restores with float32 matmuls for evaluation.
+  for precision in ("default", "high"):
+    config = _config()
+    config.model.matmul_precision = precision
+    ckpt = checkpointing.Checkpointer(reference, config, read_only=True)
+    try:
+      ckpt.check_config(ckpt.latest_step())
+    finally:
+      ckpt.close()
+  run = inference.restore(reference, matmul_precision="default")
+  assert run.model.config.matmul_precision == "default"
+  assert run.config.model.matmul_precision == "default"
+  assert inference.load_config(reference).model.matmul_precision == "highest"
+  with pytest.raises(config_lib.ConfigError, match="matmul_precision='tf32'"):
+    inference.restore(reference, matmul_precision="tf32")
 
 
 # ----------------------------------------------------- failing disk writes ---
