@@ -339,9 +339,10 @@ def test_unrolled_and_rematerialised_models_compute_the_same(
   assert float(jnp.abs(back - x).max()) < 1e-4
 
 
-@pytest.mark.parametrize("name, expect", [("highest", "HIGHEST"),
-                                          ("default", "DEFAULT")])
-def test_matmul_precision_reaches_every_matmul(name, expect):
+@pytest.mark.parametrize("name, expect, remat", [
+    ("highest", "HIGHEST", "none"), ("highest", "HIGHEST", "full"),
+    ("default", "DEFAULT", "none")])
+def test_matmul_precision_reaches_every_matmul(name, expect, remat):
   # On a GPU 'default' is TF32 and the exact inverse misses by ~0.07 (README
   # "On a GPU"); the CPU cannot show that, but the lowered programs show
   # whether every dot asks for the configured precision: the training
@@ -349,7 +350,7 @@ def test_matmul_precision_reaches_every_matmul(name, expect):
   # default ('highest' in this file) is set to 'default' around the traces,
   # so a dot that forgets the config's precision shows as DEFAULT.
   from farmer_jax import sampling  # pylint: disable=g-import-not-at-top
-  model = Farmer(tiny_model_config(matmul_precision=name,
+  model = Farmer(tiny_model_config(matmul_precision=name, remat=remat,
                                    redundant_prior="token"))
   x, labels = images(), jnp.arange(3, dtype=jnp.int32)
   params = init_random(model, x, labels)
@@ -363,6 +364,8 @@ def test_matmul_precision_reaches_every_matmul(name, expect):
   }
   if name == "default":  # that it is not forced up: one program is enough.
     programs = {"inverse": programs["inverse"]}
+  if remat != "none":  # the recomputed forward inside the backward pass.
+    programs = {"gradient": programs["gradient"]}
   with jax.default_matmul_precision("default"):
     for what, fn in programs.items():
       dots = [l for l in jax.jit(fn).lower(params).as_text().splitlines()

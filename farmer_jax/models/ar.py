@@ -69,9 +69,9 @@ class ARPrior(nn.Module):
         cfg.ar_layers, cfg.ar_heads, cfg.mlp_ratio, causal=True, dtype=dtype,
         remat=cfg.remat, scan=cfg.scan_layers, attention=cfg.attention,
         precision=prec, name="transformer")
-    self.head_I = self._head(cfg.K_I, cfg.d_I, "head_I")
+    self.head_I = self._head(cfg.K_I, cfg.d_I, "head_I", prec)
     if self.d_r > 0:
-      self.head_R = self._head(cfg.K_R, self.d_r, "head_R")
+      self.head_R = self._head(cfg.K_R, self.d_r, "head_R", prec)
       if cfg.redundant_prior == "token":
         self.token_R = nn.Dense(
             w, dtype=dtype, precision=prec, name="token_R",
@@ -87,7 +87,7 @@ class ARPrior(nn.Module):
         raise ValueError(f"config.model.redundant_prior="
                          f"{cfg.redundant_prior!r}: use 'shared' or 'token'.")
 
-  def _head(self, k: int, d: int, name: str) -> nn.Dense:
+  def _head(self, k: int, d: int, name: str, prec) -> nn.Dense:
     # Small non-zero init so components do not start tied (spec section 4);
     # the bias puts softplus(raw scale) at 1.
     std = self.cfg.head_init_std
@@ -99,8 +99,7 @@ class ARPrior(nn.Module):
       return offset + std * jax.random.normal(rng, shape, dtype)
 
     return nn.Dense(
-        gmm.num_outputs(k, d), dtype=jnp.float32,
-        precision=layers.precision(self.cfg.matmul_precision), name=name,
+        gmm.num_outputs(k, d), dtype=jnp.float32, precision=prec, name=name,
         kernel_init=nn.with_logical_partitioning(
             nn.initializers.normal(std / self.cfg.ar_width ** 0.5),
             ("embed", "mixture")),

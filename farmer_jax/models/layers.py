@@ -31,7 +31,10 @@ Dtype = Any
 # the backend (`jax.lax.Precision` names). 'default' lets it choose: on a
 # GPU XLA rounds float32 operands to TF32, on a TPU to one bfloat16 pass,
 # and the exact inverse then misses by 0.05-0.08 where 'highest' misses by
-# 3e-5 (README "On a GPU"). On a CPU the three are the same.
+# 3e-5 (README "On a GPU"). 'high' is three bf16 passes on a TPU; on a GPU
+# XLA may still use TF32 for it, so only 'highest' is float32 there. On a
+# CPU the three are the same. A run may change it when it resumes or is
+# restored (config_lib.RUNTIME_MODEL_KEYS; `--matmul_precision`).
 MATMUL_PRECISIONS = ("default", "high", "highest")
 
 
