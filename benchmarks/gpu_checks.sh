@@ -44,7 +44,7 @@ for what in "$@"; do
     accelerator_check) step accelerator_check 150 python3 \
       benchmarks/accelerator_check.py --rows=digits,refS ;;
     main_tiny) step main_tiny 100 python3 -m farmer_jax.main \
-      --config=configs/digits.py:tiny --workdir=/tmp/wd_tiny ;;
+      --config=configs/digits.py:tiny --workdir="$(mktemp -d)" ;;  # fresh
     train_throughput) step train_throughput 80 python3 \
       benchmarks/train_throughput.py --sizes=refS,refM --priors=gaussian \
       --batch_size=0 --steps=20 --warmup=3 --matmul_n=8192 \
