@@ -1,11 +1,25 @@
 """farmer_jax: FARMER (Flow AutoRegressive Transformer over Pixels) in JAX/Flax."""
+import os
+
 import setuptools
+
+
+def _asset_files():
+  """Every file under farmer_jax/assets/ (the pretrained runs), relative to
+  the package: Orbax names its data files itself, so no glob lists them."""
+  root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "farmer_jax")
+  out = []
+  for d, _, names in os.walk(os.path.join(root, "assets")):
+    out += [os.path.relpath(os.path.join(d, n), root) for n in names]
+  return out
 
 setuptools.setup(
     name="farmer_jax",
     version="0.1.0",
     description="FARMER: exact-likelihood pixel flows + autoregressive GMM prior, JAX/Flax, TPU-first.",
     packages=setuptools.find_packages(include=["farmer_jax", "farmer_jax.*"]),
+    # The pretrained digits run (farmer_jax/pretrained.py).
+    package_data={"farmer_jax": _asset_files()},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7",

@@ -21,8 +21,8 @@ Compiler, per slice:
     slice's devices on the one real GPU (`mock_num_gpu_processes`, as its
     own mock-GPU tests do); nothing runs, so one GPU of the same family
     suffices (an H200 for the H100 rows: the same sm_90 compiler). Not yet
-    seen to finish: on an H200 (2026-11-30) the 1.1B/p16 row was still
-    compiling after 120 s when the session's GPU time ran out.
+    seen to finish: on an H200 the 1.1B/p16 row was still compiling after
+    120 s (the limit of that run).
 The table says which compiler made each row.
 
 Columns (GiB per device): arguments (train state shard + batch shard),

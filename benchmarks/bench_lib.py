@@ -31,7 +31,7 @@ SIZES = {
 }
 
 
-# The two configurations of issue 13's side-by-side with TARFlow's PyTorch
+# The two configurations of the side-by-side with TARFlow's PyTorch
 # code (same flow blocks, same parameter count, 64-d heads, MLP ratio 4):
 # name: (image_size, channels, patch, af_width, af_blocks, af_layers_per_block,
 #        batch). With `prior='farmer'` the AR prior has the flow's width and

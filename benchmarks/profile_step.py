@@ -1,7 +1,7 @@
 r"""Where the time goes: the train step and the exact inverse, by op kind.
 
 For each configuration (`bench_lib.REFERENCE`'s refS / refM, the rows of
-issue 13's side-by-side with TARFlow's PyTorch code, and 'digits', the
+the side-by-side with TARFlow's PyTorch code, and 'digits', the
 README default) and prior, the jitted train step (state donated) and the
 jitted exact inverse `Farmer.decode` (batch `--inverse_batch`) are compiled,
 warmed up and run `--steps` times under `jax.profiler`. The trace's XLA op

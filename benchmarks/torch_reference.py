@@ -1,4 +1,4 @@
-r"""A same-machine PyTorch reference for issue 13's speed comparison.
+r"""A same-machine PyTorch reference for the train-step and inverse speed comparison.
 
 The Gaussian-prior flow of `bench_lib.REFERENCE` (the TARFlow ablation)
 rewritten in PyTorch with the same shapes and work as

@@ -1,8 +1,8 @@
 r"""Train-step throughput: images/s and achieved FLOP/s vs the matmul peak.
 
 For each model size (`bench_lib.SIZES`, digits 28x28x1, or a reference row:
-`refS` / `refM` from `bench_lib.REFERENCE`, issue 13's side-by-side with
-TARFlow's PyTorch code, and `digits`, the README default) and each prior
+`refS` / `refM` from `bench_lib.REFERENCE`, the side-by-side with
+TARFlow's PyTorch code (torch_reference.py), and `digits`, the README default) and each prior
 in `--priors` (reference rows only; SIZES rows use the config's prior), the
 jitted train step (`train.train_step`: forward + backward + AdamW + EMA, state donated)
 is compiled once, run `--warmup` times, then timed over `--steps` steps.

@@ -48,6 +48,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # True: per-block path matching; False: end-to-end MSE on pixels only.
   config.distill.per_block = True
   # EMA of the student's params (evaluation and sampling use it); the loop
-  # warms it up as (1 + t) / (10 + t). Old student runs had none (0.0).
+  # warms it up as (1 + t) / (10 + t); 0.0 turns it off.
   config.distill.ema_decay = 0.9 if tiny else 0.99
   return config

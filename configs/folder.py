@@ -94,7 +94,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # 'cudnn': cuDNN's fused attention on a GPU (needs dtype 'bfloat16').
   config.model.attention = "xla"
   # float32 means float32 on every backend ('default': TF32 on a GPU, one
-  # bf16 pass on a TPU; README "On a GPU"). No cost on a CPU.
+  # bf16 pass on a TPU; docs/benchmarks.md). No cost on a CPU.
   config.model.matmul_precision = "highest"  # layers.MATMUL_PRECISIONS
 
   # Dequantisation noise during training (spec 1), [-1, 1] units.
@@ -170,6 +170,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.sample.num_grid_images = 64  # 0: no sample grid in training.
   config.sample.num_eval_samples = 1000  # for accuracy / Frechet distance.
   config.sample.cfg_sweep = (0.0, 0.5, 1.0, 2.0, 4.0)  # w values of `evaluate --sweep`.
+  # The flow inverse of `farmer_jax.sample` / `.evaluate` (--decoder):
+  # 'exact' (sequential over tokens) | 'jacobi' (models/jacobi.py) |
+  # 'student' (the distilled one-step decoder, farmer_jax.distill).
+  config.sample.decoder = "exact"
+  # Jacobi: chunks of jacobi_chunk tokens in turn, each chunk's tokens updated
+  # together until their relative change < jacobi_tol, at most
+  # jacobi_max_iters times (0: the chunk size, which is exact).
+  config.sample.jacobi_chunk = 0  # divides N; 0: one row of patches.
+  config.sample.jacobi_tol = 1e-3
+  config.sample.jacobi_max_iters = 0
+  # Per-block overrides, ((block, value), ...); block 0 is nearest the data.
+  config.sample.jacobi_block_chunks = ()
+  config.sample.jacobi_block_max_iters = ()
 
   # Sample-quality classifier (farmer_jax/classifier.py), trained on the
   # training split on first use and cached in <workdir>/classifier; 0 steps
@@ -181,7 +194,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   # FID / Inception Score with Inception-v3 (farmer_jax/inception.py) at
   # evaluation; the .npz comes from `python -m farmer_jax.inception
-  # --out=PATH` (README "FID and IS"). '' skips them.
+  # --out=PATH` (README.md). '' skips them.
   config.inception = ml_collections.ConfigDict()
   config.inception.weights = ""
   config.inception.num_real = -1  # real images of the split for the reference (-1: all).

@@ -3,7 +3,7 @@ r"""FARMER on ImageNet, class-conditional, at 64x64 or 256x256.
 The paper's models (FARMER-1.1B and FARMER-1.9B, ImageNet 256). A launch
 with `slice=NAME` is one whose train step was compiled for that slice
 ahead of time (benchmarks/aot_memory.py, the TPU compiler for TPU slices;
-table in README, Benchmarks) and fits with >= 15% of HBM free:
+table in docs/benchmarks.md) and fits with >= 15% of HBM free:
 
   launch/run.sh --config=configs/imagenet.py:res=256,size=1.1B,slice=v5litepod-64 \
     --workdir=gs://BUCKET/farmer/imagenet256-1.1B \
@@ -43,7 +43,7 @@ Arg keys (comma-separated, see `config_lib.parse_arg`):
                path (still needs the prepared TFDS data).
 
 Where the values come from (paper arXiv 2510.23588v2, summarised in
-docs/FARMER.md and ../shared/spec section 9):
+docs/FARMER.md):
   * paper, Table 1: AR 12 x 768 and AF 28 blocks x 4 layers x 768
     (FARMER-1.1B); AR 24 x 1024 and AF 32 x 6 x 768 (FARMER-1.9B); both at
     patch 16 and 8. tests/config_test.py checks our AR / AF parameter counts
@@ -100,7 +100,7 @@ DEFAULT_SIZE = {64: "B", 256: "1.1B"}
 # accumulation steps at the global batch of 1024 (`slice=NAME`; ours). Only
 # launches whose train step was compiled for that slice by
 # benchmarks/aot_memory.py and left >= 15% of HBM free are here (table:
-# README, Benchmarks); add a row after measuring it. All use the default
+# docs/benchmarks.md); add a row after measuring it. All use the default
 # mesh, full FSDP over every chip, and remat.
 LAUNCH = {
     ("1.1B", 16, "v5litepod-64"): 1,  # 6.42 of 16 GiB per chip (libtpu).
@@ -256,7 +256,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model.attention = "xla"
   # bf16 activations already round the operands; 'default' lets the float32
   # heads' matmuls use TF32 / one bf16 pass too. `--matmul_precision=highest`
-  # on sample / evaluate / score gives float32 matmuls (README "On a GPU").
+  # on sample / evaluate / score gives float32 matmuls (docs/benchmarks.md).
   config.model.matmul_precision = "default"  # layers.MATMUL_PRECISIONS
 
   # Dequantisation noise during training (paper: 0.1 -> 0.005, cosine).
@@ -342,6 +342,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.sample.num_grid_images = 4 if local else 64  # 0: no sample grid in training.
   config.sample.num_eval_samples = 16 if local else 10_000  # for accuracy / Frechet distance.
   config.sample.cfg_sweep = (0.0, 0.5, 1.0, 2.0, 4.0)  # w values of `evaluate --sweep`.
+  # The flow inverse of `farmer_jax.sample` / `.evaluate` (--decoder):
+  # 'exact' (sequential over tokens) | 'jacobi' (models/jacobi.py) |
+  # 'student' (the distilled one-step decoder, farmer_jax.distill).
+  config.sample.decoder = "exact"
+  # Jacobi: chunks of jacobi_chunk tokens in turn, each chunk's tokens updated
+  # together until their relative change < jacobi_tol, at most
+  # jacobi_max_iters times (0: the chunk size, which is exact).
+  config.sample.jacobi_chunk = 0  # divides N; 0: one row of patches.
+  config.sample.jacobi_tol = 1e-3
+  config.sample.jacobi_max_iters = 0
+  # Per-block overrides, ((block, value), ...); block 0 is nearest the data.
+  config.sample.jacobi_block_chunks = ()
+  config.sample.jacobi_block_max_iters = ()
 
   # Sample-quality classifier (farmer_jax/classifier.py), trained on the
   # training split on first use and cached in <workdir>/classifier; 0 steps
@@ -353,7 +366,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   # FID / Inception Score with Inception-v3 (farmer_jax/inception.py) at
   # evaluation; the .npz comes from `python -m farmer_jax.inception
-  # --out=PATH` (README "FID and IS"). '' skips them.
+  # --out=PATH` (README.md). '' skips them.
   config.inception = ml_collections.ConfigDict()
   config.inception.weights = ""
   config.inception.num_real = 50_000  # real images of the split for the reference (-1: all).

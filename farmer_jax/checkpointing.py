@@ -227,7 +227,7 @@ class Checkpointer:
         state=ocp.args.PyTreeRestore(
             item={key: target}, restore_args={key: restore_args},
             partial_restore=True)))["state"][key]
-    for path in per_block:  # runs saved before the flow's blocks were scanned
+    for path in per_block:  # flow blocks saved one subtree per block
       restored = _at(restored, path, flow.stack_blocks)
     if per_block:
       restored = jax.tree.map(lambda a, t: jax.device_put(a, t.sharding),
@@ -236,7 +236,7 @@ class Checkpointer:
 
   def _per_block_parents(self, step: int, key: str) -> dict:
     """`{path: n}` of subtrees of `state[key]` saved as `block0..block{n-1}`
-    (flow blocks before they were stacked); empty for current runs."""
+    (unstacked flow blocks); empty for stacked ones."""
     blocks = {}
     for keys in self._saved_paths(step) or []:
       if keys[0] != key:
@@ -260,6 +260,28 @@ class Checkpointer:
         logging.error("Closing the checkpointer after a failed save: %s", e)
         return
       raise self._save_error("the last step", e) from e
+
+
+def save_params(workdir: str, step: int, params, config,
+                key: str = "ema_params") -> None:
+  """Writes a checkpoint step holding only `state[key] = params`.
+
+  What `restore_params` reads, and nothing else (no optimizer, no data
+  iterator): the layout of a pretrained run (farmer_jax/pretrained.py).
+  Synchronous; the model config is saved beside it as in `Checkpointer`.
+  """
+  manager = ocp.CheckpointManager(
+      fileio.path(fileio.absolute(workdir)) / "checkpoints",
+      options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
+      item_handlers={"state": _state_handler(),
+                     "config": ocp.JsonCheckpointHandler()})
+  try:
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeSave({key: params}),
+        config=ocp.args.JsonSave(_model_dict(config))), force=True)
+    manager.wait_until_finished()
+  finally:
+    manager.close()
 
 
 def _at(tree: dict, path: tuple, fn) -> dict:

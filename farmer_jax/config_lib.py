@@ -12,6 +12,7 @@
 * `flatten` turns a config into flat scalars for hyperparameter logging.
 """
 import math
+import numbers
 import os
 from typing import Any, Iterable, Optional, Sequence
 import uuid
@@ -27,13 +28,19 @@ REDUNDANT_PRIORS = ("shared", "token")  # the paper's shared Z^R mixture | ours
 DTYPES = ("float32", "bfloat16")
 # jax.nn.dot_product_attention's implementations ('cudnn': GPU only).
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
-# The remat policy names (a bool is the old on/off switch).
+# The remat policy names (a bool is also accepted: True = 'full').
 REMAT_CHOICES = (False, True) + tuple(layers.REMAT_POLICIES)
 NOISE_SCHEDULES = ("cosine", "constant", "uniform")
 SOURCES = ("mnist", "digits", "tfds", "folder")
 GUIDANCE_RULES = ("resample", "rejection", "closed_form", "none")
 # Log-weights of resampling CFG (spec 7): the paper's Algorithm 1 | ours.
 PROPOSALS = ("paper", "balance")
+# The flow inverse of `farmer_jax.sample` / `.evaluate`: sequential and
+# exact | block-wise Jacobi (models/jacobi.py) | the distilled student.
+DECODERS = ("exact", "jacobi", "student")
+# `config.sample` keys of the Jacobi decoder (`jacobi_plan`).
+JACOBI_KEYS = ("jacobi_chunk", "jacobi_tol", "jacobi_max_iters",
+               "jacobi_block_chunks", "jacobi_block_max_iters")
 # Model keys that say how the matmuls run, not which function the
 # parameters define: a run may resume, be restored or be distilled with
 # another value (`checkpointing.Checkpointer.check_config` skips them), e.g.
@@ -44,18 +51,18 @@ RUNTIME_MODEL_KEYS = ("matmul_precision",)
 # and checkpoints lack them; a callable gets the section and returns it):
 # `inference.load_config` and the checkpoint's model-config check fill them.
 ADDED_KEYS = {
-    # Layer loops, attention and matmul precision before they were
-    # configurable; remat was a bool (True = 'full') and still may be.
+    # Runs without these keys: the shared Z^R mixture, scanned loops, XLA
+    # attention, default precision; remat may be a bool (True = 'full').
     "model": dict(redundant_prior="shared", scan_layers=True, attention="xla",
                   matmul_precision="default"),
-    # FID / IS: off for runs trained before the section existed.
+    # FID / IS: off for runs whose config has no inception section.
     "inception": dict(weights="", num_real=-1, reference_split="",
                       batch_size=100),
-    # off, as it was; decay on every weight; the LR decayed to 0; one batch
+    # Bayes accuracy off; decay on every weight; the LR decays to 0; one batch
     # per step.
     "": dict(eval_bayes_images=0, weight_decay_mask=False, lr_end=0.0,
              grad_accum_steps=1),
-    # Resampling CFG before the paper's Algorithm 1 (spec 7): balance-heuristic
+    # Resampling CFG without the paper's Algorithm 1 (spec 7): balance-heuristic
     # weights on the sampling temperatures, one candidate count for z^I, z^R.
     "sample": dict(proposal="balance",
                    weigh_logit_temp=lambda sample: sample["logit_temp"],
@@ -64,7 +71,12 @@ ADDED_KEYS = {
                    r_num_candidates=lambda sample: sample["num_candidates"],
                    r_num_uncond_candidates=(
                        lambda sample: sample["num_uncond_candidates"]),
-                   r_var_scale=1.0),
+                   r_var_scale=1.0,
+                   # The exact inverse; the Jacobi decoder's defaults (0: one
+                   # row of patches per chunk, at most chunk iterations).
+                   decoder="exact", jacobi_chunk=0, jacobi_tol=1e-3,
+                   jacobi_max_iters=0, jacobi_block_chunks=(),
+                   jacobi_block_max_iters=()),
 }
 CHANNELS = (1, 3)  # what input_pipeline.fit_image can produce.
 # The embedded datasets have 10 digit classes and only 'train' / 'test';
@@ -249,6 +261,7 @@ _CHOICES = (
     ("data.source", SOURCES),
     ("sample.guidance", GUIDANCE_RULES),
     ("sample.proposal", PROPOSALS),
+    ("sample.decoder", DECODERS),
 )
 
 
@@ -316,6 +329,101 @@ def _check_model(model) -> None:
              f"config.model.{part}_width={width} is not divisible by "
              f"config.model.{part}_heads={heads}; pick {part}_heads from "
              f"{tuple(_divisors(width)) + (width,)} or change {part}_width.")
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _block_overrides(sample, key: str, num_blocks: int, check) -> dict:
+  """`config.sample.<key>`, pairs `(block, value)`, as `{block: value}`."""
+  pairs = sample[key]
+  _require(isinstance(pairs, (tuple, list)),
+           f"config.sample.{key}={pairs!r} must be a tuple of (block, value) "
+           "pairs, e.g. ((0, 1),); () for none.")
+  out = {}
+  for pair in pairs:
+    _require(isinstance(pair, (tuple, list)) and len(pair) == 2
+             and all(_is_int(v) for v in pair),
+             f"config.sample.{key} entry {pair!r} must be a pair of integers "
+             "(block, value), e.g. (0, 1).")
+    t, value = pair
+    _require(0 <= t < num_blocks,
+             f"config.sample.{key} names block {t}, but the flow's blocks "
+             f"are 0..{num_blocks - 1} (config.model.af_blocks={num_blocks}; "
+             "block 0 is the one nearest the data); name one of them.")
+    _require(t not in out, f"config.sample.{key} names block {t} twice; "
+             "keep one entry.")
+    check(f"config.sample.{key} entry ({t}, {value})", value)
+    out[t] = value
+  return out
+
+
+def check_jacobi(sample, model) -> None:
+  """The Jacobi decoder's `config.sample` keys (`JACOBI_KEYS`) fit the model.
+
+  Raises:
+    ConfigError: naming the key (and its flag) and the fix.
+  """
+  n = (model.image_size // model.patch_size) ** 2
+  row = model.image_size // model.patch_size
+  chunks = tuple(_divisors(n)) + (n,)
+
+  def check_chunk(what, value, zero_ok=False):
+    _require(_is_int(value) and (value >= 1 or zero_ok and value == 0),
+             f"{what}: a chunk size must be an integer >= 1"
+             + (" (0: one row of patches)" if zero_ok else "") + ".")
+    _require(value == 0 or n % value == 0,
+             f"{what}: chunk {value} does not divide the N = {n} tokens of a "
+             f"flow block ((image_size // patch_size)**2); pick one of "
+             f"{chunks}" + (f", or 0 (one row of patches, {row})"
+                            if zero_ok else "") + ".")
+
+  def check_iters(what, value):
+    _require(_is_int(value) and value >= 0,
+             f"{what}: an iteration limit must be an integer >= 0 (0: the "
+             "chunk size, which is exact).")
+
+  check_chunk("config.sample.jacobi_chunk (--jacobi_chunk)",
+              sample.jacobi_chunk, zero_ok=True)
+  tol = sample.jacobi_tol
+  _require(isinstance(tol, numbers.Real) and not isinstance(tol, bool)
+           and math.isfinite(tol) and tol >= 0,
+           f"config.sample.jacobi_tol (--jacobi_tol)={tol!r} must be a finite "
+           "number >= 0 (0: always run jacobi_max_iters), e.g. 1e-3.")
+  check_iters("config.sample.jacobi_max_iters (--jacobi_max_iters)",
+              sample.jacobi_max_iters)
+  _block_overrides(sample, "jacobi_block_chunks", model.af_blocks,
+                   check_chunk)
+  _block_overrides(sample, "jacobi_block_max_iters", model.af_blocks,
+                   check_iters)
+
+
+def jacobi_plan(sample, model) -> dict:
+  """`config.sample`'s Jacobi keys resolved per flow block, after checking.
+
+  `jacobi_chunk = 0` is one row of patches (`image_size // patch_size`
+  tokens); `jacobi_block_chunks` / `jacobi_block_max_iters` replace the
+  chunk / limit of the blocks they name; a limit of 0, or above the chunk,
+  is the chunk size (that many iterations are exact).
+
+  Returns:
+    `{chunks, max_iters, tol}`, one chunk and limit per block (block 0
+    nearest the data): the fields of `models.jacobi.JacobiOptions`.
+  """
+  check_jacobi(sample, model)
+  chunk = sample.jacobi_chunk or model.image_size // model.patch_size
+  block_chunks = _block_overrides(sample, "jacobi_block_chunks",
+                                  model.af_blocks, lambda *_: None)
+  block_iters = _block_overrides(sample, "jacobi_block_max_iters",
+                                 model.af_blocks, lambda *_: None)
+  chunks = tuple(int(block_chunks.get(t, chunk))
+                 for t in range(model.af_blocks))
+  limits = tuple(int(block_iters.get(t, sample.jacobi_max_iters))
+                 for t in range(model.af_blocks))
+  max_iters = tuple(min(m, c) if m else c for m, c in zip(limits, chunks))
+  return dict(chunks=chunks, max_iters=max_iters,
+              tol=float(sample.jacobi_tol))
 
 
 def _check_noise(config) -> None:
@@ -485,6 +593,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   _check_scalars(config)
   _check_inception(config.inception)
   _check_model(config.model)
+  check_jacobi(config.sample, config.model)
   _check_noise(config)
   _check_schedule(config)
   _check_data(config)

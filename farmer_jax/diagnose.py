@@ -35,6 +35,7 @@ from farmer_jax import fileio
 from farmer_jax import inference
 from farmer_jax import metrics
 from farmer_jax import nll
+from farmer_jax import pretrained
 from farmer_jax import sampling
 from farmer_jax.models import Farmer
 from farmer_jax.models import gmm
@@ -45,13 +46,12 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-  flags.DEFINE_string("workdir", None, "The training run's --workdir.")
+  pretrained.define_workdir_flags()  # --workdir, --pretrained=digits
   inference.define_restore_flags()  # --mesh=-1,1,1, --matmul_precision
   flags.DEFINE_integer("num_images", 200, "Test images to diagnose.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_string("out", None, "Output folder (default: "
                       "<workdir>/diagnosis).")
-  flags.mark_flags_as_required(["workdir"])
 
 
 def _top_mean(mix: gmm.Mixture) -> jax.Array:
@@ -172,7 +172,8 @@ def write(out, result: dict, grid: np.ndarray) -> None:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  print(json.dumps(diagnose(FLAGS.workdir, FLAGS.num_images, FLAGS.seed,
+  workdir = pretrained.resolve(FLAGS.workdir, FLAGS.pretrained)
+  print(json.dumps(diagnose(workdir, FLAGS.num_images, FLAGS.seed,
                             FLAGS.out, FLAGS.mesh,
                             FLAGS.matmul_precision), indent=1))
 

@@ -54,7 +54,7 @@ from farmer_jax.models.student import StudentDecoder
 
 
 # How the student's input-noise scale s is chosen per batch
-# (config.distill.latent_noise_dist; runs made before it existed: 'fixed').
+# (config.distill.latent_noise_dist; 'fixed' where a run's config lacks it).
 LATENT_NOISE_DISTS = ("fixed", "uniform")
 
 
@@ -155,7 +155,7 @@ def distill_step(state: loop.TrainState, teacher_params, batch, *, model,
   x = loop.inject_nonfinite(x, state.step + 1, config.debug_nonfinite_steps)
   path = teacher_path(model, teacher_params, x, batch["label"])
   d = config.distill
-  # A key of its own (fold_in), so 'fixed' keeps its earlier noise draws.
+  # A key of its own (fold_in): drawing s leaves rng_latent's noise as is.
   s = latent_noise_scale(jax.random.fold_in(rng_latent, 1), d.latent_noise,
                          d.get("latent_noise_dist", "fixed"))
   (loss, mses), grads = jax.value_and_grad(distill_loss, argnums=1,

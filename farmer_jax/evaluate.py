@@ -22,14 +22,22 @@ Restores the latest checkpoint's EMA parameters (or `--step`) and reports:
 * with `--sweep`, the same at every `w` of `config.sample.cfg_sweep`: a
   CSV table and a plot (accuracy and Fréchet distance vs `w`).
 Writes `<workdir>/eval/<step>.json` (and `cfg_sweep_<step>.csv/.png`).
-`--student_workdir=S` decodes the samples with the distilled one-step
+`--student_workdir=S` (or `--decoder=student`, S defaulting to
+`<workdir>/distill`) decodes the samples with the distilled one-step
 student (farmer_jax.distill) instead of the exact inverse, on the same
 latents (same seeds), and writes `<step>_student.json`: run it with and
-without to see the student's quality cost. Every sampling option has a
-flag (`--logit_temp`, `--resample_temp`, `--r_var_scale`, ...: see
-`farmer_jax.sample`); the JSON records all options used under `sampling`,
-and the ones given (but `--cfg_scale`) name the file, e.g.
-`<step>_logit_temp0.5.json`.
+without to see the student's quality cost. `--decoder=jacobi` decodes
+them with the block-wise Jacobi inverse (models/jacobi.py; `--jacobi_chunk`,
+`--jacobi_tol`, `--jacobi_max_iters`, `--jacobi_block_chunks`,
+`--jacobi_block_max_iters` override `config.sample`), records its options
+under `jacobi` and its mean iterations per chunk per flow block under
+`samples.jacobi_iterations_per_chunk`, and writes `<step>_jacobi.json`
+(the Jacobi options given name the file, e.g.
+`<step>_jacobi_chunk2_tol0.0001.json`). Default: `config.sample.decoder`.
+Every sampling option has a flag (`--logit_temp`, `--resample_temp`,
+`--r_var_scale`, ...: see `farmer_jax.sample`); the JSON records all
+options used under `sampling`, and the ones given (but `--cfg_scale`)
+name the file, e.g. `<step>_logit_temp0.5.json`.
 * FID (and the Inception Score, if the weights have the output layer)
   with Inception-v3 (farmer_jax/inception.py) when `config.inception.
   weights` or `--inception_weights` names the `.npz` made by
@@ -38,6 +46,7 @@ and the ones given (but `--cfg_scale`) name the file, e.g.
 ImageNet configs have no classifier (`classifier.steps = 0`); without
 Inception weights the sample metrics are skipped and the JSON says why.
 """
+import dataclasses
 import functools
 import io
 import json
@@ -51,11 +60,13 @@ import numpy as np
 
 from farmer_jax import classifier
 from farmer_jax import config_lib
+from farmer_jax import decoders
 from farmer_jax import fileio
 from farmer_jax import inception
 from farmer_jax import inference
 from farmer_jax import input_pipeline
 from farmer_jax import metrics
+from farmer_jax import pretrained
 from farmer_jax import sharding
 
 FLAGS = flags.FLAGS
@@ -63,7 +74,7 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """The flags of this CLI (defined only when run as a program)."""
-  flags.DEFINE_string("workdir", None, "The training run's --workdir.")
+  pretrained.define_workdir_flags()  # --workdir, --pretrained=digits
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
   inference.define_restore_flags()  # --mesh=-1,1,1, --matmul_precision
   flags.DEFINE_string("split", None, "Split (default: config.data."
@@ -75,16 +86,15 @@ def define_flags() -> None:
                     "cfg_sweep: table + plot.")
   flags.DEFINE_integer("batch_size", 250, "Samples per jitted call.")
   flags.DEFINE_integer("seed", 0, "Sampling and dequantisation seed.")
-  flags.DEFINE_string("student_workdir", None, "Decode samples with the "
-                      "distilled student of this workdir (farmer_jax.distill) "
-                      "instead of the exact inverse; same latents and seeds.")
+  # --decoder=exact|jacobi|student, --student_workdir (decode samples with
+  # the distilled student of that workdir), --jacobi_chunk, --jacobi_tol, ...
+  decoders.define_flags()
   flags.DEFINE_string("inception_weights", None, "FID / IS Inception-v3 "
                       ".npz (default: config.inception.weights; '' skips). "
                       "Make it with `python -m farmer_jax.inception`.")
   flags.DEFINE_integer("bayes_images", None, "Split images for the Bayes-"
                        "rule accuracy argmax_c log p(x | c) (default: "
                        "config.eval_bayes_images; 0: skip).")
-  flags.mark_flags_as_required(["workdir"])
 
 
 def exact_bpd(run, split: str, seed: int) -> dict:
@@ -213,16 +223,29 @@ def _suffix(name: str, value) -> str:
   return f"_{name}{value:g}" if isinstance(value, float) else f"_{name}{value}"
 
 
+def _jacobi_suffix(key: str, value) -> str:
+  """`_chunk4`, `_tol0.001`, `_block_chunks0-1.1-2`: a Jacobi override."""
+  name = key[len("jacobi_"):]
+  if isinstance(value, (tuple, list)):
+    return f"_{name}" + ".".join(f"{t}-{v}" for t, v in value)
+  return _suffix(name, float(value) if name == "tol" else value)
+
+
 def evaluate(workdir: str, *, step=None, split=None, num_samples=None,
              cfg_scale=None, sweep: bool = False, batch_size: int = 250,
-             seed: int = 0, student_workdir=None,
+             seed: int = 0, student_workdir=None, decoder=None,
+             jacobi_overrides=None,
              inception_weights=None, bayes_images=None, mesh=None,
              matmul_precision=None, **sampling_overrides) -> dict:
   """Everything the CLI reports, as a dict (also written as JSON).
 
   With `student_workdir`, samples are decoded by the distilled one-step
   student instead of the exact inverse: same seeds, so the same latents,
-  and the JSON goes to `eval/<step>_student.json`. `inception_weights`
+  and the JSON goes to `eval/<step>_student.json`. `decoder` ('exact',
+  'jacobi', 'student'; None: `config.sample.decoder`, or 'student' with
+  `student_workdir`) picks the flow inverse; 'jacobi' takes
+  `jacobi_overrides` (`config_lib.JACOBI_KEYS` -> value) and writes
+  `eval/<step>_jacobi[_<overrides>].json`. `inception_weights`
   overrides `config.inception.weights` ('' skips FID / IS); `bayes_images`
   overrides `config.eval_bayes_images` (0 skips the Bayes-rule accuracy).
   `mesh` (`(data, fsdp, tensor)` or '-1,1,1') replaces the run's mesh,
@@ -247,19 +270,24 @@ def evaluate(workdir: str, *, step=None, split=None, num_samples=None,
   # Bad weights fail here, before any sampling.
   ev = (inception.Evaluator(inception_weights, inc.batch_size)
         if inception_weights else None)
-  decoder = None
-  if student_workdir:
-    decoder = inference.load_decoder(student_workdir, run)
+  jacobi_overrides = {k: v for k, v in (jacobi_overrides or {}).items()
+                      if v is not None}
+  name = decoder or ("student" if student_workdir else config.sample.decoder)
+  # Bad decoder options fail here too; None is the exact inverse.
+  decoder = decoders.make_decoder(run, name, student_workdir=student_workdir,
+                                   **jacobi_overrides)
   split = split or config.data.eval_split
-  result = dict(step=run.step, split=split,
-                decoder="student" if decoder else "exact",
+  result = dict(step=run.step, split=split, decoder=name,
                 **exact_bpd(run, split, seed))
+  if name == "jacobi":
+    result["jacobi"] = dataclasses.asdict(decoder[0].options)
   result.update(bayes_accuracy(
       run, split, seed,
       config.eval_bayes_images if bayes_images is None else bayes_images))
   # Non-default decoders and sampling options get their own files.
-  suffix = ("_student" if decoder else "") + "".join(
-      _suffix(k, v) for k, v in options.items() if k in overrides)
+  suffix = ("" if name == "exact" else f"_{name}") + "".join(
+      _jacobi_suffix(k, v) for k, v in jacobi_overrides.items()) + "".join(
+          _suffix(k, v) for k, v in options.items() if k in overrides)
   eval_dir = fileio.path(workdir) / "eval"
   n = config.sample.num_eval_samples if num_samples is None else num_samples
   has_clf = config.classifier.steps > 0 and config.model.num_classes >= 2
@@ -269,7 +297,7 @@ def evaluate(workdir: str, *, step=None, split=None, num_samples=None,
   if ev is None:
     result["inception"] = ("skipped: no Inception-v3 weights "
                            "(config.inception.weights / --inception_weights;"
-                           " README 'FID and IS')")
+                           " python -m farmer_jax.inception)")
   if n <= 0:
     result["samples"] = "skipped: num_samples = 0"
   elif not has_clf and ev is None:
@@ -317,10 +345,13 @@ def evaluate(workdir: str, *, step=None, split=None, num_samples=None,
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  result = evaluate(FLAGS.workdir, step=FLAGS.step, split=FLAGS.split,
+  workdir = pretrained.resolve(FLAGS.workdir, FLAGS.pretrained)
+  result = evaluate(workdir, step=FLAGS.step, split=FLAGS.split,
                     num_samples=FLAGS.num_samples, sweep=FLAGS.sweep,
                     batch_size=FLAGS.batch_size, seed=FLAGS.seed,
                     student_workdir=FLAGS.student_workdir,
+                    decoder=FLAGS.decoder,
+                    jacobi_overrides=decoders.jacobi_flags(),
                     inception_weights=FLAGS.inception_weights,
                     bayes_images=FLAGS.bayes_images, mesh=FLAGS.mesh,
                     matmul_precision=FLAGS.matmul_precision,

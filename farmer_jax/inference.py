@@ -14,6 +14,9 @@ multiple of the batch shards, split over the mesh's batch axes, and the
 samples come back as uint8 on the host. Its options are every
 `sampling.SamplingOptions` field, from `config.sample` unless overridden
 (`sampling_kwargs`); `define_sampling_flags` gives a CLI one flag per option.
+Its decoder is the exact flow inverse, the distilled student
+(`load_decoder`) or another `(decode_fn, variables)`: `farmer_jax.decoders`
+adds the block-wise Jacobi inverse and picks one by name (`--decoder`).
 """
 import dataclasses
 import functools
@@ -349,9 +352,11 @@ def _sampler(model, batch_sharding, denoise_sigma, decode_fn, static_kw):
                          **dict(static_kw))
 
   def sample(params, decoder_variables, rng, labels, traced_kw):
-    images, fallbacks = fn(params, rng, labels, return_fallbacks=True,
-                           decoder_variables=decoder_variables, **traced_kw)
-    return nll.to_uint8(images), fallbacks
+    images, fallbacks, stats = fn(params, rng, labels, return_fallbacks=True,
+                                  return_decode_stats=True,
+                                  decoder_variables=decoder_variables,
+                                  **traced_kw)
+    return nll.to_uint8(images), dict(fallbacks=fallbacks, **stats)
 
   return jax.jit(sample, in_shardings=(None, None, None, batch_sharding, None),
                  out_shardings=(batch_sharding, batch_sharding))
@@ -362,12 +367,26 @@ def sampler(model, batch_sharding, kw: dict, denoise_sigma: float = 0.0,
   """`(jitted sampler, its traced options)` for `sampling_kwargs` `kw`.
 
   The sampler is `fn(variables, decoder_variables, rng, labels, traced) ->
-  (uint8 images, fallbacks)`; options that differ only in `traced` values
-  share it (and its compiled executables).
+  (uint8 images, per-image stats)`, the stats a dict of batch-sharded
+  arrays: `fallbacks` `[B]` and the decoder's own (`jacobi_iterations`
+  `[B, af_blocks]`); options that differ only in `traced` values share it
+  (and its compiled executables).
   """
   static_kw, traced_kw = sampling.split_traceable(kw)
   return _sampler(model, batch_sharding, denoise_sigma, decode_fn,
                   tuple(sorted(static_kw.items()))), traced_kw
+
+
+def _jacobi_stats(iterations: np.ndarray, decode_fn) -> dict:
+  """Per-block summaries of `[num_images, af_blocks]` iterations per chunk."""
+  options = getattr(decode_fn, "options", None)
+  return dict(
+      jacobi_iterations_per_chunk=[round(float(v), 4)
+                                   for v in iterations.mean(0)],
+      jacobi_max_iterations_per_chunk=[round(float(v), 4)
+                                       for v in iterations.max(0)],
+      jacobi_chunks=list(options.chunks) if options else None,
+      jacobi_max_iters=list(options.max_iters) if options else None)
 
 
 def generate(run: Run, labels: Sequence[int], seed: int, *,
@@ -385,13 +404,19 @@ def generate(run: Run, labels: Sequence[int], seed: int, *,
       multiple of the mesh's batch shards.
     decoder: None for the exact flow inverse, or `(decode_fn,
       decoder_variables)` with `decode_fn(decoder_variables, z, labels) -> x`
-      hashable (e.g. the distilled student's decode, farmer_jax.distill).
+      hashable (e.g. the distilled student's decode, farmer_jax.distill;
+      `decoders.make_decoder`), or `-> (x, stats)`
+      (`decoders.JacobiDecoder`).
     denoise: one Tweedie step with sigma = config.noise_min (spec 6.3).
     progress: log each batch with images/s.
     stats: if a dict, `guidance_fallbacks` (guided draws, one per latent
       dimension, that fell back to `p_c`: 'rejection' with no accepted try,
       'closed_form' on an improper target) and `guidance_fallback_fraction`
-      (of all `len(labels) * N * d` latent dimensions) are added to it.
+      (of all `len(labels) * N * d` latent dimensions) are added to it;
+      with the Jacobi decoder also `jacobi_iterations_per_chunk` (per flow
+      block, block 0 first: the mean over images of their mean iterations
+      per chunk), `jacobi_max_iterations_per_chunk` (the largest image's)
+      and `jacobi_chunks`, `jacobi_max_iters` (the options per block).
     **kwargs: overrides of `config.sample` (cfg_scale, guidance, ...).
   """
   labels = np.asarray(labels, np.int32)
@@ -402,30 +427,39 @@ def generate(run: Run, labels: Sequence[int], seed: int, *,
   sigma = float(run.config.noise_min) if denoise else 0.0
   fn, traced_kw = sampler(run.model, run.batch_sharding, kw, sigma, decode_fn)
   rng = jax.random.PRNGKey(seed)
-  out, fallbacks = [], 0
+  out, fallbacks, iterations = [], 0, []
   for i, start in enumerate(range(0, len(labels), per_call)):
     t0 = time.time()
     chunk = labels[start:start + per_call]
     padded = np.resize(chunk, per_call) if len(chunk) < per_call else chunk
     with sharding.context(run.mesh, run.config):
-      images, counts = fn(run.variables, decoder_variables,
-                  jax.random.fold_in(rng, i),
-                  # Every host holds all labels and supplies its shards
-                  # (also right when the mesh spans several hosts).
-                  jax.make_array_from_callback(
-                      padded.shape, run.batch_sharding,
-                      lambda index, a=padded: a[index]), traced_kw)
-    images, counts = metrics.to_host((images, counts))  # all hosts
+      images, aux = fn(run.variables, decoder_variables,
+                       jax.random.fold_in(rng, i),
+                       # Every host holds all labels and supplies its shards
+                       # (also right when the mesh spans several hosts).
+                       jax.make_array_from_callback(
+                           padded.shape, run.batch_sharding,
+                           lambda index, a=padded: a[index]), traced_kw)
+    images, aux = metrics.to_host((images, aux))  # all hosts
     out.append(images[:len(chunk)])
-    fallbacks += int(counts[:len(chunk)].sum())
+    fallbacks += int(aux["fallbacks"][:len(chunk)].sum())
+    if "jacobi_iterations" in aux:
+      iterations.append(aux["jacobi_iterations"][:len(chunk)])
     if progress:
       done = start + len(chunk)
       logging.info("sampled %d / %d (%.2f images/s)", done, len(labels),
                    len(chunk) / (time.time() - t0))
+  jacobi_stats = {}
+  if iterations:
+    jacobi_stats = _jacobi_stats(np.concatenate(iterations), decode_fn)
+    logging.info("Jacobi iterations per chunk, per flow block (block 0 "
+                 "nearest the data): mean %s, max %s; chunks %s, limits %s",
+                 *jacobi_stats.values())
   if stats is not None:
     dims = len(labels) * run.model.num_tokens * run.model.token_dim
     stats.update(guidance_fallbacks=fallbacks,
-                 guidance_fallback_fraction=fallbacks / max(dims, 1))
+                 guidance_fallback_fraction=fallbacks / max(dims, 1),
+                 **jacobi_stats)
     if fallbacks:
       logging.warning("%d of %d latent dimensions fell back to p_c (guidance "
                       "%s had no sample of its target there).", fallbacks,

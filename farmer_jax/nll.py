@@ -34,7 +34,7 @@ def uniform_dequantize(rng: jax.Array, x_uint8: jax.Array) -> jax.Array:
   Pixel `k`'s bin is centred on `k / 127.5 - 1`: where the training noise is
   centred (`augment`) and what `to_uint8`'s rounding maps back to `k`. Any
   partition of the line into bins of width `1 / 127.5` gives a valid bound
-  on the discrete NLL; the `[k, k+1)` bins used before this cost the
+  on the discrete NLL; `[k, k+1)` bins would cost the
   default digits run 0.13 bits/dim (3.19 vs 3.06, docs/sample_quality.md).
   """
   u = jax.random.uniform(rng, x_uint8.shape, jnp.float32, -0.5, 0.5)

@@ -15,24 +15,32 @@ cycles over the samples (default: all classes in turn). Writes `OUT` (PNG
 grid) and `OUT` with `.npz` (arrays `images` uint8 `[B, H, W, C]`, `labels`
 `[B]`), and prints how many guided latent dimensions fell back to `p_c`
 ('rejection' with no accepted try, 'closed_form' on an improper target).
-"""
-import os
 
+`--decoder` picks the flow inverse (default `config.sample.decoder`):
+'exact' (sequential over tokens), 'jacobi' (block-wise Jacobi,
+models/jacobi.py; `--jacobi_chunk`, `--jacobi_tol`, `--jacobi_max_iters`,
+`--jacobi_block_chunks=0:1`, `--jacobi_block_max_iters` override
+`config.sample`; the mean Jacobi iterations per chunk of each flow block are
+logged and printed) or 'student' (`--student_workdir`, default
+`<workdir>/distill`).
+"""
 from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
 
+from farmer_jax import decoders
 from farmer_jax import fileio
 from farmer_jax import inference
 from farmer_jax import metrics
+from farmer_jax import pretrained
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
   """The flags of this CLI (defined only when run as a program)."""
-  flags.DEFINE_string("workdir", None, "The training run's --workdir.")
+  pretrained.define_workdir_flags()  # --workdir, --pretrained=digits
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
   inference.define_restore_flags()  # --mesh=-1,1,1, --matmul_precision
   flags.DEFINE_integer("num_samples", 64, "Number of images.")
@@ -40,16 +48,12 @@ def define_flags() -> None:
                     "(default: 0..num_classes-1 in turn).")
   inference.define_sampling_flags()  # --cfg_scale, --num_candidates, ...
   flags.DEFINE_bool("denoise", None, "One Tweedie step (spec 6.3).")
-  flags.DEFINE_enum("decoder", "exact", ["exact", "student"],
-                    "Flow inverse: the exact sequential one, or the "
-                    "distilled one-step student (farmer_jax.distill).")
-  flags.DEFINE_string("student_workdir", None, "The distillation run's "
-                      "--workdir (default: <workdir>/distill).")
+  # --decoder=exact|jacobi|student, --student_workdir, --jacobi_chunk, ...
+  decoders.define_flags()
   flags.DEFINE_integer("batch_size", 0, "Images per jitted call (0: all).")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_string("out", None, "PNG path (default: "
                       "<workdir>/samples/samples_<step>_w<cfg>.png).")
-  flags.mark_flags_as_required(["workdir"])
 
 
 def sample_labels(labels, num_classes: int, num_samples: int):
@@ -76,7 +80,8 @@ def save(images: np.ndarray, labels: np.ndarray, out, ncol: int):
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  run = inference.restore(FLAGS.workdir, FLAGS.step,
+  workdir = pretrained.resolve(FLAGS.workdir, FLAGS.pretrained)
+  run = inference.restore(workdir, FLAGS.step,
                           mesh_shape=inference.parse_mesh(FLAGS.mesh),
                           matmul_precision=FLAGS.matmul_precision)
   labels = sample_labels(FLAGS.labels, run.config.model.num_classes,
@@ -84,18 +89,17 @@ def main(argv) -> None:
   overrides = inference.sampling_flags()
   denoise = (run.config.sample.denoise if FLAGS.denoise is None
              else FLAGS.denoise)
-  decoder = None
-  if FLAGS.decoder == "student":
-    # (decode_fn, variables): decode_fn(variables, z, labels) -> x.
-    decoder = inference.load_decoder(
-        FLAGS.student_workdir or os.path.join(FLAGS.workdir, "distill"), run)
+  # None (exact) or (decode_fn, variables): decode_fn(variables, z, labels).
+  decoder = decoders.make_decoder(
+      run, FLAGS.decoder, student_workdir=FLAGS.student_workdir,
+      **decoders.jacobi_flags())
   stats = {}
   images = inference.generate(run, labels, FLAGS.seed,
                               batch_size=FLAGS.batch_size, decoder=decoder,
                               denoise=denoise, progress=True, stats=stats,
                               **overrides)
   w = overrides.get("cfg_scale", run.config.sample.cfg_scale)
-  out = FLAGS.out or fileio.path(FLAGS.workdir) / "samples" / (
+  out = FLAGS.out or fileio.path(workdir) / "samples" / (
       f"samples_{run.step}_w{w:g}.png")
   ncol = min(len(FLAGS.labels or range(max(run.config.model.num_classes, 1))),
              len(images))
@@ -105,6 +109,11 @@ def main(argv) -> None:
   print(f"guidance fallbacks: {stats['guidance_fallbacks']} latent "
         f"dimension(s) ({stats['guidance_fallback_fraction']:.2%}) fell back "
         "to p_c")
+  if "jacobi_iterations_per_chunk" in stats:
+    print("Jacobi iterations per chunk by flow block (block 0 nearest the "
+          f"data): mean {stats['jacobi_iterations_per_chunk']}, max "
+          f"{stats['jacobi_max_iterations_per_chunk']} (chunks "
+          f"{stats['jacobi_chunks']}, limits {stats['jacobi_max_iters']})")
 
 
 if __name__ == "__main__":

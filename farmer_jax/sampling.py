@@ -3,8 +3,9 @@
 Spec sections 6-7. `sample_latents` decodes `z_1^I ... z_N^I` one token per
 step of a single `lax.scan` with preallocated KV caches, then feeds the extra
 token and draws every `z_i^R` from the shared mixture `GMM_R`.
-`sample_images` runs the exact flow inverse (`Farmer.decode`), an optional
-Tweedie denoising step, and clips to `[-1, 1]`.
+`sample_images` runs the exact flow inverse (`Farmer.decode`) or another
+decoder (the distilled student, the Jacobi decoder), an optional Tweedie
+denoising step, and clips to `[-1, 1]`.
 
 Classifier-free guidance keeps two streams, conditional (the labels) and
 unconditional (the null label `num_classes`), each with its own KV cache; the
@@ -25,8 +26,8 @@ every knob; the paper's names (Algorithm 1, Table 6) are in brackets.
     `T_sigma_v` [`weigh_logit_temp`, `weigh_scale_temp`], `D = log p_c -
     log p_u`. `proposal='paper'` (Algorithm 1): `log w = w D` for candidates
     from `p_c` and `(w+1) D` for candidates from `p_u` (each is `p* / p_c`
-    or `p* / p_u` up to one shared constant). `proposal='balance'` (ours,
-    earlier): `log w = log p* - log q` with `p* ∝ p_u e^{(1+w) D}` from the
+    or `p* / p_u` up to one shared constant). `proposal='balance'`
+    (ours): `log w = log p* - log q` with `p* ∝ p_u e^{(1+w) D}` from the
     weigh-tempered mixtures and the balance-heuristic proposal
     `q = (s_c p_c + s_u p_u) / (s_c + s_u)` from the proposal-tempered ones;
   - resample: one candidate with probability `softmax(T_s log w)`
@@ -676,7 +677,8 @@ def sample_images(model: Farmer, params: Any, rng: jax.Array,
                   labels: jax.Array, *, denoise_sigma: float = 0.0,
                   decode_fn: Optional[Callable] = None,
                   decoder_variables: Any = None,
-                  return_fallbacks: bool = False, **kwargs):
+                  return_fallbacks: bool = False,
+                  return_decode_stats: bool = False, **kwargs):
   """Samples images `[B, H, W, C]` in `[-1, 1]` (spec section 6).
 
   Args:
@@ -687,21 +689,30 @@ def sample_images(model: Farmer, params: Any, rng: jax.Array,
     denoise_sigma: if > 0, one Tweedie step with this noise std before
       clipping.
     decode_fn: `decode_fn(decoder_variables, z, labels) -> x` in place of
-      the exact flow inverse (the distilled one-step student, spec 8).
+      the exact flow inverse (the distilled one-step student, spec 8), or
+      `-> (x, stats)` with `stats` a dict of per-image arrays `[B, ...]`
+      (the Jacobi decoder's iteration counts, `inference.JacobiDecoder`).
     decoder_variables: the variables `decode_fn` takes.
     return_fallbacks: also return each image's guidance fallback count.
+    return_decode_stats: also return the decoder's `stats` (`{}` if none).
     **kwargs: options of `sample_latents`.
 
   Returns:
-    float32 images clipped to `[-1, 1]`, or `(images, fallbacks [B])`.
+    float32 images clipped to `[-1, 1]`, or a tuple `(images, [fallbacks
+    [B]], [stats])` with the ones asked for.
   """
   z, fallbacks = sample_latents(model, params, rng, labels,
                                 return_fallbacks=True, **kwargs)
+  stats = {}
   if decode_fn is None:
     x = model.apply(params, z, labels, method=Farmer.decode)
   else:
     x = decode_fn(decoder_variables, z, labels)
+    if isinstance(x, tuple):
+      x, stats = x
   if denoise_sigma > 0:
     x = tweedie_denoise(model, params, x, labels, denoise_sigma)
   x = jnp.clip(x, -1.0, 1.0)
-  return (x, fallbacks) if return_fallbacks else x
+  extra = (((fallbacks,) if return_fallbacks else ())
+           + ((stats,) if return_decode_stats else ()))
+  return (x,) + extra if extra else x

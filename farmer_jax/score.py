@@ -34,6 +34,7 @@ from farmer_jax import fileio
 from farmer_jax import inference
 from farmer_jax import input_pipeline
 from farmer_jax import nll
+from farmer_jax import pretrained
 
 FLAGS = flags.FLAGS
 _EXTENSIONS = input_pipeline.IMAGE_EXTENSIONS
@@ -41,7 +42,7 @@ _EXTENSIONS = input_pipeline.IMAGE_EXTENSIONS
 
 def define_flags() -> None:
   """The flags of this CLI (defined only when run as a program)."""
-  flags.DEFINE_string("workdir", None, "The training run's --workdir.")
+  pretrained.define_workdir_flags()  # --workdir, --pretrained=digits
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
   inference.define_restore_flags()  # --mesh=-1,1,1, --matmul_precision
   flags.DEFINE_string("label", "null", "'null', 'marginal' or a class index.")
@@ -50,7 +51,6 @@ def define_flags() -> None:
   flags.DEFINE_string("out", None, "Output file (default: stdout).")
   flags.DEFINE_integer("batch_size", 64, "Images per jitted call.")
   flags.DEFINE_integer("seed", 0, "Dequantisation seed.")
-  flags.mark_flags_as_required(["workdir"])
 
 
 def list_files(paths: List[str]) -> List[str]:
@@ -177,7 +177,8 @@ def main(argv) -> None:
   if not files:
     raise app.UsageError(f"No image files ({', '.join(_EXTENSIONS)}) in "
                          f"{argv[1:]}.")
-  run = inference.restore(FLAGS.workdir, FLAGS.step,
+  workdir = pretrained.resolve(FLAGS.workdir, FLAGS.pretrained)
+  run = inference.restore(workdir, FLAGS.step,
                           mesh_shape=inference.parse_mesh(FLAGS.mesh),
                           matmul_precision=FLAGS.matmul_precision)
   rows = score_files(run, files, label=FLAGS.label,

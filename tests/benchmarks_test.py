@@ -90,3 +90,35 @@ def test_benchmark_prints_its_table(script, tmp_path_factory):
   if script == "torch_reference.py":  # the same flow: the same parameters
     for row in rows:
       assert row["params"] == row["farmer_jax params"], row
+
+
+def test_decoders_benchmark_compares_decoders_of_a_trained_run(
+    trained_workdir, tmp_path_factory):
+  """benchmarks/decoders.py on the shared trained run (not in `SMALLEST`: it
+  needs a workdir): one row per decoder; the exact one is the reference
+  (zero error), the Jacobi ones are within half a uint8 level of it after
+  1 .. C iterations per chunk; the sample metrics come with their errors."""
+  cache = tmp_path_factory.getbasetemp() / "benchmarks_jax_cache"
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+  env.update(XLA_FLAGS=helpers.xla_flags(1), JAX_PLATFORMS="cpu",
+             TF_CPP_MIN_LOG_LEVEL="3", JAX_COMPILATION_CACHE_DIR=str(cache),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  out = subprocess.run(
+      [sys.executable, os.path.join("benchmarks", "decoders.py"),
+       f"--workdir={trained_workdir}", "--jacobi=0:1e-3,16:1e-3",
+       "--batch_sizes=2", "--num_samples=8", "--repeats=1", "--bootstrap=2"],
+      cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = _table(out.stdout)
+  assert [r["decoder"] for r in rows] == [
+      "exact", "jacobi C=4 tol=0.001", "jacobi C=16 tol=0.001"], out.stdout
+  assert _number(rows[0]["max abs error vs exact"]) == 0
+  for row, chunk in zip(rows[1:], (4, 16)):
+    assert _number(row["images/s @2"]) > 0, row
+    assert _number(row["max abs error vs exact"]) < 1 / 255, row
+    assert 1 <= _number(row["iterations/chunk (mean)"]) <= chunk, row
+  for row in rows:
+    for key in ("sample accuracy", "Fréchet distance"):
+      value, se = (_number(v.strip()) for v in row[key].split("±"))
+      assert value is not None and se is not None and se >= 0, row

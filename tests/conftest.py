@@ -42,8 +42,8 @@ os.environ["XLA_FLAGS"] = (
 # Files in the order xdist hands them to workers (pytest.ini: loadfile, no
 # reorder): the longest first, so the run does not end with one worker on a
 # two-minute file while the other idles. Seconds per file, summed over its
-# tests, in a `python -m pytest -n 2 --durations=0` run on 2 cores
-# (2026-11-30); files not listed follow, in collection order. xdist's own
+# tests, in a `python -m pytest -n 2 --durations=0` run on 2 cores; files
+# not listed follow, in collection order. xdist's own
 # order (most tests first) put multiprocess_test (2 tests, ~110 s) last.
 LONGEST_FIRST = (
     "model_test.py",  # 226 s
@@ -52,6 +52,8 @@ LONGEST_FIRST = (
     "benchmarks_test.py",  # 149
     "inception_test.py",  # 144
     "reliability_test.py",  # 139
+    "jacobi_test.py",  # 150 alone (-n 0), the shared trained run included
+    "pretrained_test.py",  # three CLI subprocesses on the 28x28 model
     "reference_test.py",  # 113
     "multiprocess_test.py",  # 108
     "distill_test.py",  # 65

@@ -16,7 +16,8 @@ TRAINING = {"farmer_jax.train", "farmer_jax.distill", "farmer_jax.loop",
 INFERENCE = ("farmer_jax.inference", "farmer_jax.sample",
              "farmer_jax.evaluate", "farmer_jax.score",
              "farmer_jax.diagnose", "farmer_jax.metrics",
-             "farmer_jax.checkpointing", "farmer_jax.sampling")
+             "farmer_jax.checkpointing", "farmer_jax.sampling",
+             "farmer_jax.decoders", "farmer_jax.pretrained")
 
 
 def _module_name(path: str) -> str:

@@ -4,6 +4,8 @@ Public API (all on images `x [B, H, W, C]` in `[-1, 1]`, labels `[B]` int):
 
 * `encode(x, labels) -> (z [B, N, d], logdet [B])`, logdet = log|det dF/dx|;
 * `decode(z, labels) -> x`, the exact inverse (KV-cached `nn.scan`);
+* `decode_jacobi(z, labels, options) -> (x, iterations)`, the block-wise
+  Jacobi inverse (`models/jacobi.py`) and its iteration counts;
 * `prior_log_prob(z, labels) -> [B]`, nats;
 * `log_prob(x, labels) -> [B]`, the continuous density in nats;
 * `__call__(x, labels, train)` -> dict of per-image terms for the loss.
@@ -21,6 +23,7 @@ import ml_collections
 from farmer_jax.models import ar
 from farmer_jax.models import flow
 from farmer_jax.models import gmm
+from farmer_jax.models import jacobi
 
 
 def patchify(x: jax.Array, p: int) -> jax.Array:
@@ -75,6 +78,18 @@ class Farmer(nn.Module):
     s = self.config.image_size
     return unpatchify(self.flow.inverse(z, labels), self.config.patch_size,
                       s, s)
+
+  def decode_jacobi(self, z, labels, options: jacobi.JacobiOptions):
+    """Latents `[B, N, d]` -> `(image [B, H, W, C], iterations [B, n])` by
+    the Jacobi decoder (no clip); `iterations[:, t]` is each image's mean
+    number of Jacobi iterations per chunk in flow block `t`."""
+    block = flow.FlowBlock(self.config, self.num_tokens, self.token_dim,
+                           parent=None)
+    params = nn.meta.unbox(self.variables["params"]["flow"]["blocks"])
+    tokens, iterations = jacobi.flow_inverse(block, params, z, labels,
+                                             options)
+    s = self.config.image_size
+    return unpatchify(tokens, self.config.patch_size, s, s), iterations
 
   def prior_terms(self, z, labels, train: bool = False):
     """`(log p(Z^I), log p(Z^R | Z^I))` `[B]` each; gaussian: (all, 0)."""

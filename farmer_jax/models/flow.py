@@ -97,6 +97,24 @@ class FlowBlock(nn.Module):
     mu, s = self._shift_scale(h)
     return _shift_right(mu), _shift_right(s)
 
+  def chunk_params(self, x, labels, cache, pos):
+    """Head outputs of `t` tokens `x [B, t, d]` at positions `pos ..`.
+
+    Attends causally to the cache (positions `< pos`) and to the chunk
+    itself, as the exact inverse's steps do one token at a time; with no
+    cache (None, `pos` 0) plain causal attention over the chunk. Output `j`
+    is `(mu, s)` of the token at `pos + j + 1` (not shifted here); the
+    Jacobi decoder (`models/jacobi.py`) is its caller.
+
+    Returns:
+      `(mu [B, t, d], s [B, t, d], cache)`, the cache with the chunk's keys
+      and values written at `pos .. pos + t - 1` (None without one).
+    """
+    h = self._embed(x, labels, pos + jnp.arange(x.shape[1]))
+    h, cache = self.transformer(h, cache, pos)
+    mu, s = self._shift_scale(h)
+    return mu, s, cache
+
   def __call__(self, x, labels):
     """Forward `x [B, N, d]` -> `(y [B, N, d], logdet [B])`, parallel."""
     mu, s = self.params_for(x, labels)
@@ -231,7 +249,7 @@ def apply_block(module: nn.Module, t: int, method: str, x, labels,
 
 def stack_blocks(flow_params: dict) -> dict:
   """Flow params saved with one entry per block (`block0`, `block1`, ...,
-  before the blocks were scanned) -> the stacked `{'blocks': ...}` layout.
+  one subtree each) -> the stacked `{'blocks': ...}` layout.
   Anything already stacked is returned as is."""
   names = sorted((k for k in flow_params if k.startswith("block")
                   and k[5:].isdigit()), key=lambda k: int(k[5:]))

@@ -31,7 +31,7 @@ Dtype = Any
 # the backend (`jax.lax.Precision` names). 'default' lets it choose: on a
 # GPU XLA rounds float32 operands to TF32, on a TPU to one bfloat16 pass,
 # and the exact inverse then misses by 0.05-0.08 where 'highest' misses by
-# 3e-5 (README "On a GPU"). 'high' is three bf16 passes on a TPU; on a GPU
+# 3e-5 (docs/benchmarks.md, "GPU precision"). 'high' is three bf16 passes on a TPU; on a GPU
 # XLA may still use TF32 for it, so only 'highest' is float32 there. On a
 # CPU the three are the same. A run may change it when it resumes or is
 # restored (config_lib.RUNTIME_MODEL_KEYS; `--matmul_precision`).
@@ -228,7 +228,7 @@ REMAT_POLICIES = {
 def remat_policy(remat) -> Optional[str]:
   """`config.model.remat` -> a `REMAT_POLICIES` name, or None for no remat.
 
-  Booleans are accepted for runs saved before policies had names
+  Booleans are accepted too, as a run's saved config may hold one
   (True = 'full').
   """
   if remat is True:
