@@ -1,5 +1,5 @@
 #!/bin/bash
-# The GPU checks behind README "On a GPU": correctness against the CPU, the
+# The GPU checks behind docs/benchmarks.md (GPU rows): correctness against the CPU, the
 # real program end to end, speed beside the PyTorch reference, and the
 # 8xH100 launch rows compiled by the GPU compiler. Run from the repository
 # root on a machine with one NVIDIA GPU, JAX with CUDA, Flax, Optax, Orbax

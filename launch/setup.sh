@@ -85,7 +85,7 @@ copy_source() {
   fi
   run_cmd gcloud compute tpus tpu-vm scp "$ARCHIVE" "$TPU_NAME:$REMOTE_ARCHIVE" \
     --project="$PROJECT" --zone="$ZONE" --worker=all
-  # Unpack beside the old copy and swap, so files deleted here go there too.
+  # Unpack beside the installed copy and swap, so files deleted here go there too.
   tpu_ssh all "$(remote_script "$code_dir" "archive=$(remote_path "$REMOTE_ARCHIVE")" <<'EOF'
 set -eu
 rm -rf "$dir.new"

@@ -1,9 +1,9 @@
-"""Sampling, evaluation and scoring of a trained tiny run (spec 6-7, issue 4).
+"""Sampling, evaluation and scoring of a trained tiny run (spec 6-7).
 
 All tests share one tiny digits model trained for `helpers.TRAINED_STEPS`
 steps (the `trained_workdir` fixture). The quality assertions are real:
 fixed seeds, thresholds well inside what the trained model reaches
-(measured with the classifier of issue 12: accuracy 0.18 at w=0 and 0.33
+(measured with the sample classifier, farmer_jax/classifier.py: accuracy 0.18 at w=0 and 0.33
 at w=3 with 200 samples; chance is 0.10) and outside what an untrained or unguided sampler gives.
 """
 import functools

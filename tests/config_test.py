@@ -308,17 +308,17 @@ def _slice_devices() -> dict[str, int]:
 def test_every_launch_validates_on_its_slice_and_has_a_measured_row():
   module = helpers.load_config_module("imagenet")
   devices = _slice_devices()
-  with open(os.path.join(helpers.REPO, "README.md")) as f:
-    readme = f.read()
+  with open(os.path.join(helpers.REPO, "docs", "benchmarks.md")) as f:
+    record = f.read()
   for (size, patch, name), accum in module.LAUNCH.items():
     config = module.get_config(f"res=256,size={size},patch={patch},"
                                f"slice={name}")
     assert config.grad_accum_steps == accum
     config_lib.validate(config, num_devices=devices[name], process_count=1)
-    # The README's AOT table has the row this entry was read from.
+    # docs/benchmarks.md's AOT table has the row this entry was read from.
     row = re.compile(rf"\| train \(scanned\) \| {re.escape(size)}/p{patch} "
                      rf"\| {re.escape(name)} \|[^\n]*\| {accum} \| on \|")
-    assert row.search(readme), (size, patch, name, accum)
+    assert row.search(record), (size, patch, name, accum)
 
 
 def _num_params(model_config) -> int:
@@ -363,7 +363,7 @@ AR_1_9B_MISMATCH = (
     "Table 1's 498M for the 1.9B prior is not reached by the paper's own "
     "sizes: 24 layers x 1024 are 302M and the spec's heads at width 1024 "
     "add 280M at patch 16 (583M in all) or 43M at patch 8 (348M). Open "
-    "question for the paper's reading (README, Benchmarks).")
+    "question for the paper's reading (docs/benchmarks.md).")
 
 
 @pytest.mark.parametrize("size, patch, part", [

@@ -1,4 +1,4 @@
-"""`farmer_jax.diagnose` (issue 12): real/sampled latent halves, decoded."""
+"""`farmer_jax.diagnose`: real/sampled latent halves, decoded."""
 import json
 import os
 

@@ -218,7 +218,7 @@ def test_unwritable_remote_workdir_is_refused(fake_gcs, monkeypatch):
 
 
 def test_bypassing_the_path_layer_is_caught(fake_gcs):
-  """The fake is strict: the old `os.makedirs` + `open` writers fail."""
+  """The fake is strict: plain `os.makedirs` + `open` writers fail."""
   with pytest.raises(AssertionError, match="bypassed the path layer"):
     os.makedirs(f"{RUN}/images", exist_ok=True)
   with pytest.raises(AssertionError, match="bypassed the path layer"):

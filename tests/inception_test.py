@@ -1,4 +1,4 @@
-"""FID / IS with Inception-v3 (farmer_jax/inception.py, issue 4).
+"""FID / IS with Inception-v3 (farmer_jax/inception.py).
 
 Two kinds of test:
 * always: the network's parameter layout, the weights loader's errors, the

@@ -375,7 +375,7 @@ def test_matmul_precision_reaches_every_matmul(name, expect, remat):
       assert not wrong, (what, len(wrong), len(dots), wrong[0])
 
 
-def test_old_per_block_checkpoints_convert_to_stacked_blocks():
+def test_per_block_checkpoints_convert_to_stacked_blocks():
   """`flow.stack_blocks`: `block0..block{n-1}` -> `blocks` with a leading
   block axis, in block order; stacked trees pass through."""
   n = 11  # block10 sorts before block2 as text: the order must be numeric

@@ -9,7 +9,7 @@ losses (TensorBoard events, `log_every=1`) and test bits/dim must agree to
 trains to step 8: its losses must equal the 1-process run's, which checks the
 resharded restore and the data iterator's position on another host count.
 Beside that resume, 2 processes distil the 1-process run's flow inverse for
-a few steps (issue 14 section 5): its evaluation gathers across hosts.
+a few steps: its evaluation gathers across hosts.
 
 Every child runs in its own session and is killed (by its process group) if
 the test fails or a timeout passes. To keep CI time down, children compile
@@ -169,8 +169,8 @@ def test_two_processes_train_like_one_and_resume_on_one(tmp_path):
                   helpers.scalars(one, "eval/bpd"), [STOP])
 
     # One process on the FSDP mesh resumes the 2-process checkpoint. Beside
-    # it, two processes distil the 1-process run's flow inverse (issue 14
-    # section 5): evaluation gathers the student's reconstructions from both
+    # it, two processes distil the 1-process run's flow inverse:
+    # evaluation gathers the student's reconstructions from both
     # hosts (`metrics.to_host`; a `device_get` fails across processes).
     resume = start("resume", _main(two, "(1,4,1)"), 4, cache)
     address = f"127.0.0.1:{_free_port()}"

@@ -65,7 +65,7 @@ def test_bits_per_dim_of_identity_flow_and_gaussian_prior_is_closed_form():
       2 * math.pi)
   expected = (nats.mean(-1) + math.log(127.5)) / math.log(2.0)
   # A draw's deviation is ~ sum_dims c u / 127.5 / D: std per image below.
-  # 5 std is ~6e-4 bits; bins off by half a width (the old [k, k+1)
+  # 5 std is ~6e-4 bits; bins off by half a width ([k, k+1)
   # dequantisation) would move the mean by ~5e-3.
   std = np.sqrt((c ** 2).sum(-1) / (12 * 127.5 ** 2)) / 64 / math.log(2.0)
   err = np.abs(np.mean(draws, 0) - expected)
@@ -160,7 +160,7 @@ INVERSE_BOUND = {"float32": 1e-4, "bfloat16": 0.1}
 def test_inverse_error_is_bounded(dtype, precision):
   # `model.matmul_precision` (the configs' own setting, not the process
   # default, which it overrides). On this CPU both are float32; on an H200
-  # 'default' is TF32 and misses by 0.05-0.08 (README "On a GPU").
+  # 'default' is TF32 and misses by 0.05-0.08 (docs/benchmarks.md, "GPU precision").
   model = Farmer(_model_config(dtype=dtype, matmul_precision=precision))
   batch = _batch(8)
   x = nll.to_model_range(batch["image"])

@@ -113,8 +113,8 @@ def test_parameters_are_sharded_as_the_rules_say(runs):
 
 def test_runs_saved_before_the_flow_was_scanned_still_restore(runs,
                                                               tmp_path):
-  """A checkpoint whose flow params are `block0..block{n-1}` (runs trained
-  before the blocks were stacked) restores into the stacked layout, equal
+  """A checkpoint whose flow params are `block0..block{n-1}` (one subtree
+  per block, unstacked) restores into the stacked layout, equal
   leaf for leaf, onto the caller's mesh."""
   config, full, *_ = runs
   run = inference.restore(full)
