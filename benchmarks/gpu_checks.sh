@@ -1,6 +1,7 @@
 #!/bin/bash
-# The GPU checks behind docs/benchmarks.md (GPU rows): correctness against the CPU, the
-# real program end to end, speed beside the PyTorch reference, and the
+# The GPU checks behind docs/benchmarks.md (GPU rows): correctness against the
+# CPU, the real program end to end, speed beside the PyTorch reference, the
+# decoders (exact vs Jacobi) on the shipped digits run, and the
 # 8xH100 launch rows compiled by the GPU compiler. Run from the repository
 # root on a machine with one NVIDIA GPU, JAX with CUDA, Flax, Optax, Orbax
 # and PyTorch installed; grain, ml_collections and clu may come as wheels in
@@ -37,7 +38,7 @@ optax.__version__, jax.devices())"
 }
 
 [ $# -gt 0 ] || set -- gpu_info accelerator_check main_tiny train_throughput \
-  torch_reference aot_memory
+  torch_reference torch_compile decoders aot_memory
 for what in "$@"; do
   case "$what" in
     gpu_info) gpu_info ;;
@@ -52,8 +53,16 @@ for what in "$@"; do
     torch_reference) step torch_reference 45 python3 \
       benchmarks/torch_reference.py --device=cuda --tf32 --rows=refS,refM \
       --steps=20 --warmup=3 ;;
+    torch_compile) step torch_compile 120 python3 \
+      benchmarks/torch_reference.py --device=cuda --tf32 --rows=refS,refM \
+      --steps=20 --warmup=3 --compile ;;  # the peer's best, not eager
+    decoders) step decoders 200 python3 benchmarks/decoders.py \
+      --workdir="$(python3 -c 'from farmer_jax import pretrained
+print(pretrained.workdir("digits", "/tmp/pretrained_digits"))')" \
+      --jacobi=7:1e-3,49:1e-3,49:1e-4 --batch_sizes=1,16,256 \
+      --num_samples=500 ;;  # the shipped digits run: exact vs Jacobi
     aot_memory) step aot_memory 120 python3 benchmarks/aot_memory.py --gpu \
-      --rows=${AOT_ROWS:-1.1B/16@8xH100,1.9B/16@8xH100} ;;
+      --rows="${AOT_ROWS:-1.1B/16@8xH100,1.9B/16@8xH100}" ;;
     *) echo "unknown step $what"; exit 2 ;;
   esac
 done
