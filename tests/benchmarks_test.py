@@ -55,17 +55,23 @@ def _number(cell: str):
   return float(match.group(1)) if match else None
 
 
-@pytest.mark.parametrize("script", sorted(SMALLEST))
-def test_benchmark_prints_its_table(script, tmp_path_factory):
-  flags, first_column = SMALLEST[script]
+def _smoke_env(tmp_path_factory) -> dict:
+  """A benchmark subprocess's environment: one CPU device, a shared compile
+  cache, and FAST_COMPILE too (the numbers of a smoke run mean nothing:
+  profile_step and memory.py take 28 and 22 s instead of 63 and 67 s)."""
   cache = tmp_path_factory.getbasetemp() / "benchmarks_jax_cache"
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-  # FAST_COMPILE too (the numbers of a smoke run mean nothing): profile_step
-  # and memory.py take 28 and 22 s instead of 63 and 67 s.
   env.update(XLA_FLAGS=helpers.xla_flags(1), JAX_PLATFORMS="cpu",
              TF_CPP_MIN_LOG_LEVEL="3", JAX_COMPILATION_CACHE_DIR=str(cache),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  return env
+
+
+@pytest.mark.parametrize("script", sorted(SMALLEST))
+def test_benchmark_prints_its_table(script, tmp_path_factory):
+  flags, first_column = SMALLEST[script]
+  env = _smoke_env(tmp_path_factory)
   out = subprocess.run(
       [sys.executable, os.path.join("benchmarks", script), *flags],
       cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -98,12 +104,7 @@ def test_decoders_benchmark_compares_decoders_of_a_trained_run(
   needs a workdir): one row per decoder; the exact one is the reference
   (zero error), the Jacobi ones are within half a uint8 level of it after
   1 .. C iterations per chunk; the sample metrics come with their errors."""
-  cache = tmp_path_factory.getbasetemp() / "benchmarks_jax_cache"
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-  env.update(XLA_FLAGS=helpers.xla_flags(1), JAX_PLATFORMS="cpu",
-             TF_CPP_MIN_LOG_LEVEL="3", JAX_COMPILATION_CACHE_DIR=str(cache),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  env = _smoke_env(tmp_path_factory)
   out = subprocess.run(
       [sys.executable, os.path.join("benchmarks", "decoders.py"),
        f"--workdir={trained_workdir}", "--jacobi=0:1e-3,16:1e-3",
