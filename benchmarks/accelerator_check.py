@@ -52,22 +52,14 @@ def build(row: str):
   """`(perturbed params on the host, images, labels)` of a row: the same
   for every precision and activation dtype (parameters are float32)."""
   model = model_of(row)
+  params = {"params": bench_lib.perturbed_params(model, 0.05)}
   s, c = model.config.image_size, model.config.channels
-  cpu = jax.devices("cpu")[0]
-  with jax.default_device(cpu):
-    params = jax.jit(model.init)(jax.random.PRNGKey(0),
-                                 jnp.zeros((1, s, s, c)),
-                                 jnp.zeros((1,), jnp.int32))
-    leaves, treedef = jax.tree.flatten(params["params"])
-    keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
-    params = {"params": jax.tree.unflatten(treedef, [
-        a + 0.05 * jax.random.normal(k, a.shape)
-        for a, k in zip(leaves, keys)])}
+  with jax.default_device(jax.devices("cpu")[0]):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (_BATCH.value, s, s, c), dtype=np.uint8)
     x = nll.uniform_dequantize(jax.random.PRNGKey(3), jnp.asarray(images))
   labels = np.arange(_BATCH.value, dtype=np.int32) % model.config.num_classes
-  return jax.device_get(params), np.asarray(x), labels
+  return params, np.asarray(x), labels
 
 
 def bpd_and_roundtrip(model, params, x, labels, device):

@@ -158,14 +158,6 @@ def row_config(size: str, patch: int, slice_name: str):
   return config
 
 
-def memory(compiled) -> dict:
-  mem = compiled.memory_analysis()
-  out = dict(args=mem.argument_size_in_bytes, out=mem.output_size_in_bytes,
-             temp=mem.temp_size_in_bytes, alias=mem.alias_size_in_bytes)
-  out["peak"] = out["args"] + out["out"] + out["temp"] - out["alias"]
-  return out
-
-
 def compile_train_step(config, mesh) -> tuple[dict, float]:
   """Memory of the compiled train step and seconds to trace+lower+compile."""
   start = time.perf_counter()
@@ -186,7 +178,8 @@ def compile_train_step(config, mesh) -> tuple[dict, float]:
   with sharding.context(mesh, config):
     compiled = step.lower(abstract, batch).compile()
   params = sum(a.size for a in jax.tree.leaves(abstract.params))
-  return dict(memory(compiled), params=params), time.perf_counter() - start
+  return (dict(bench_lib.memory_of(compiled), params=params),
+          time.perf_counter() - start)
 
 
 def compile_sampler(config, mesh, per_device: int) -> tuple[dict, float]:
@@ -205,7 +198,7 @@ def compile_sampler(config, mesh, per_device: int) -> tuple[dict, float]:
   with sharding.context(mesh, config):
     compiled = fn.lower({"params": abstract.ema_params}, None, rng,
                         labels, traced_kw).compile()
-  return memory(compiled), time.perf_counter() - start
+  return bench_lib.memory_of(compiled), time.perf_counter() - start
 
 
 def table_row(what, size, patch, slice_name, compiler, config, mesh, mem,

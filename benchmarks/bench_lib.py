@@ -104,9 +104,10 @@ def reference_config(name: str, prior: str = "gaussian", batch_size: int = 0):
   return config
 
 
-def train_step_parts(config):
-  """`(jitted_step, state, batch, num_params)` on `jax.devices()[0]`."""
-  mesh = sharding.create_mesh(config, devices=jax.devices()[:1])
+def train_step_parts(config, device=None):
+  """`(jitted_step, mesh, init_fn, abstract_state, batch, num_params)` on
+  `device` alone (default `jax.devices()[0]`), a synthetic batch."""
+  mesh = sharding.create_mesh(config, devices=[device or jax.devices()[0]])
   model = train.Farmer(config.model)
   tx, schedule = train.create_optimizer(config)
   init_fn, abstract, shardings = train.create_sharded_state(
@@ -127,6 +128,23 @@ def train_step_parts(config):
   return step, mesh, init_fn, abstract, batch, num_params
 
 
+def perturbed_params(model, scale: float, seed: int = 0):
+  """`model`'s initial variables with N(0, scale^2) noise added to every
+  parameter, on the host: the flow's heads start at zero (the identity),
+  so an untrained model inverts nothing interesting without it."""
+  s, c = model.config.image_size, model.config.channels
+  with jax.default_device(jax.devices("cpu")[0]):
+    params = jax.jit(model.init)(jax.random.PRNGKey(seed),
+                                 jnp.zeros((1, s, s, c)),
+                                 jnp.zeros((1,), jnp.int32))["params"]
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 2), len(leaves))
+    params = jax.tree.unflatten(treedef, [
+        a + scale * jax.random.normal(k, a.shape, a.dtype)
+        for a, k in zip(leaves, keys)])
+  return jax.device_get(params)
+
+
 def flops_of(compiled) -> float:
   """XLA's FLOP count of a lowered or compiled step (its cost analysis);
   NaN where the backend gives none (a lowered step on a GPU)."""
@@ -136,6 +154,35 @@ def flops_of(compiled) -> float:
   if isinstance(cost, (list, tuple)):  # older jax: one dict per module.
     cost = cost[0]
   return float(cost.get("flops", 0.0))
+
+
+def unrolled_flops(config, remat=None) -> float:
+  """XLA's FLOP count of the train step of `config` with every layer
+  unrolled (a scanned step's cost analysis counts each loop body once),
+  lowered for the CPU (a GPU gives no analysis of a lowered program).
+
+  `remat`, if given, replaces `config.model.remat`: False counts model
+  FLOPs only, without the forward recomputed in the backward pass.
+  """
+  config = config.copy_and_resolve_references()
+  config.model.scan_layers = False
+  if remat is not None:
+    config.model.remat = remat
+  step, mesh, _, abstract, batch, _ = train_step_parts(
+      config, jax.devices("cpu")[0])
+  with sharding.context(mesh, config):
+    return flops_of(step.lower(abstract, batch))
+
+
+def memory_of(compiled) -> dict:
+  """Bytes per device of a compiled program (XLA's memory analysis):
+  `args`, `out`, `temp`, `alias` and `peak` = args + out + temp - alias
+  (donated outputs reuse their arguments' buffers)."""
+  mem = compiled.memory_analysis()
+  out = dict(args=mem.argument_size_in_bytes, out=mem.output_size_in_bytes,
+             temp=mem.temp_size_in_bytes, alias=mem.alias_size_in_bytes)
+  out["peak"] = out["args"] + out["out"] + out["temp"] - out["alias"]
+  return out
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:

@@ -28,6 +28,18 @@ one markdown table:
 
   python benchmarks/decoders.py --workdir=workdirs/digits \
       --jacobi=0:1e-3,0:1e-4,49:1e-3 --batch_sizes=1,16,256 --num_samples=500
+
+With `--config` instead of `--workdir` (a model config, e.g.
+`configs/imagenet.py:res=64,size=B`: an accelerator's ImageNet-64 shape),
+the model has random weights, perturbed (`--perturb`) so that the flow is
+not the identity its zero-initialised heads start as, and the latents are
+N(0, 1) draws instead of the prior's. The student row is the untrained
+student (the flow's own parameters, as distillation starts). That measures
+speed and Jacobi convergence at the shape, not sample quality (no quality
+columns):
+
+  python benchmarks/decoders.py --config=configs/imagenet.py:res=64,size=B \
+      --jacobi=16:1e-3,256:1e-3 --batch_sizes=1,16 --num_samples=64
 """
 import functools
 import math
@@ -37,6 +49,8 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ml_collections import config_flags
 
 import bench_lib
 from farmer_jax import classifier
@@ -49,6 +63,13 @@ from farmer_jax import sharding
 from farmer_jax.models import Farmer
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The trained run.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Instead of --workdir: a model config whose decoders "
+    "are timed with perturbed random weights and N(0, 1) latents.",
+    lock_config=False)
+_PERTURB = flags.DEFINE_float("perturb", 0.01, "--config: the standard "
+                              "deviation of the noise added to every "
+                              "initial parameter.")
 _STUDENT = flags.DEFINE_string("student_workdir", None, "Its distillation "
                                "run (optional).")
 _JACOBI = flags.DEFINE_list("jacobi", ["0:1e-3"], "Jacobi settings, "
@@ -65,7 +86,10 @@ _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 20, "Resamples for the "
 _SPLIT = flags.DEFINE_string("split", None, "Real images for the Fréchet "
                              "distance (default: config.data.eval_split).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.mark_flag_as_required("workdir")
+flags.register_multi_flags_validator(
+    ["workdir", "config"], lambda f: (f["workdir"] is None) != (
+        f["config"] is None), "Give one of --workdir (a trained run) and "
+    "--config (random weights).")
 inference.define_restore_flags()  # --mesh, --matmul_precision
 inference.define_sampling_flags()  # --cfg_scale, --num_candidates, ...
 
@@ -91,14 +115,38 @@ def _decoders(run):
         jax.jit(fn), variables)
   if _STUDENT.value:
     student_fn, params = inference.load_decoder(_STUDENT.value, run)
-    out["student"] = (jax.jit(lambda p, z, l: (student_fn(p, z, l), None)),
-                      params)
+  elif not run.workdir:  # random weights: the student distillation starts as
+    student_fn = functools.partial(inference.student_decode,
+                                   inference.create_student(run.config.model))
+    params = run.variables["params"]["flow"]
+  else:
+    return out
+  out["student"] = (jax.jit(lambda p, z, l: (student_fn(p, z, l), None)),
+                    params)
   return out
+
+
+def _random_run(config) -> inference.Run:
+  """A run of `config`'s model with perturbed random weights (`--config`)."""
+  if flags.FLAGS.matmul_precision:
+    config.model.matmul_precision = flags.FLAGS.matmul_precision
+  config, mesh = inference.create_mesh(
+      config, mesh_shape=inference.parse_mesh(flags.FLAGS.mesh))
+  model = Farmer(config.model)
+  target = inference.abstract_params(model, config, mesh)
+  params = bench_lib.perturbed_params(model, _PERTURB.value)
+  params = jax.device_put(params, jax.tree.map(lambda a: a.sharding, target))
+  return inference.Run(config, model, {"params": params}, 0, mesh, "")
 
 
 def _latents(run, num: int):
   """`(z [num, N, d], labels [num])` drawn with the run's sampling options
-  (and flags), batch-sharded on the run's mesh."""
+  (and flags); N(0, 1) draws for a random-weights run."""
+  if not run.workdir:
+    rng = np.random.default_rng(_SEED.value)
+    z = rng.standard_normal((num, run.model.num_tokens, run.model.token_dim))
+    return z.astype(np.float32), (np.arange(num) % max(
+        run.config.model.num_classes, 1)).astype(np.int32)
   kw = inference.sampling_kwargs(run.config.sample,
                                  **inference.sampling_flags())
   fn = jax.jit(functools.partial(sampling.sample_latents, run.model, **kw))
@@ -164,9 +212,12 @@ def _pm(value, se) -> str:
 
 def main(argv) -> None:
   del argv
-  run = inference.restore(_WORKDIR.value,
-                          mesh_shape=inference.parse_mesh(flags.FLAGS.mesh),
-                          matmul_precision=flags.FLAGS.matmul_precision)
+  if _CONFIG.value is not None:
+    run = _random_run(_CONFIG.value)
+  else:
+    run = inference.restore(_WORKDIR.value,
+                            mesh_shape=inference.parse_mesh(flags.FLAGS.mesh),
+                            matmul_precision=flags.FLAGS.matmul_precision)
   shards = run.batch_shards
   batch_sizes = [-(-int(b) // shards) * shards for b in _BATCH_SIZES.value]
   num = max(_NUM_SAMPLES.value, max(batch_sizes))
@@ -175,7 +226,7 @@ def main(argv) -> None:
   z_eval, l_eval = z[:count], labels[:count]
   config = run.config
   clf = real_feats = None
-  if (_NUM_SAMPLES.value and config.classifier.steps > 0
+  if (_NUM_SAMPLES.value and run.workdir and config.classifier.steps > 0
       and config.model.num_classes >= 2):
     model, params, _ = classifier.load_or_train(config, _WORKDIR.value)
     clf = (model, params)
@@ -215,10 +266,14 @@ def main(argv) -> None:
     header += ["sample accuracy", "Fréchet distance"]
   w = inference.sampling_kwargs(config.sample,
                                 **inference.sampling_flags())["cfg_scale"]
-  print(f"Device: {bench_lib.device_name()}; run {_WORKDIR.value} step "
-        f"{run.step} (N = {run.model.num_tokens} tokens of d = "
+  source = (f"run {_WORKDIR.value} step {run.step}" if run.workdir else
+            f"random weights (perturbed by {_PERTURB.value:g}), N(0, 1) "
+            "latents")
+  print(f"Device: {bench_lib.device_name()}; {source} (N = "
+        f"{run.model.num_tokens} tokens of d = "
         f"{run.model.token_dim}, {config.model.af_blocks} flow blocks); "
-        f"errors and quality over {count} latents sampled at w = {w:g}; "
+        f"errors{' and quality' if clf else ''} over {count} latents"
+        f"{f' sampled at w = {w:g}' if run.workdir else ''}; "
         f"median of {_REPEATS.value} calls.")
   print(bench_lib.table(header, rows))
 

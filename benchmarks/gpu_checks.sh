@@ -1,14 +1,22 @@
 #!/bin/bash
 # The GPU checks behind docs/benchmarks.md (GPU rows): correctness against the
-# CPU, the real program end to end, speed beside the PyTorch reference, the
-# decoders (exact vs Jacobi) on the shipped digits run, and the
-# 8xH100 launch rows compiled by the GPU compiler. Run from the repository
+# CPU, the real program end to end, speed beside the PyTorch reference (eager
+# and torch.compile), the decoders (exact, Jacobi, student) on the shipped
+# digits run and at an ImageNet-64 shape, the FARMER-1.1B-shaped train step's
+# model FLOP utilisation, and the 8xH100 launch rows compiled by the GPU
+# compiler. Run from the repository
 # root on a machine with one NVIDIA GPU, JAX with CUDA, Flax, Optax, Orbax
 # and PyTorch installed; grain, ml_collections and clu may come as wheels in
 # .whl/ (installed to /tmp/site). Logs go to $OUT (default: gpu_logs/).
 #
 #   bash benchmarks/gpu_checks.sh                 # every step, in order
 #   bash benchmarks/gpu_checks.sh aot_memory      # named steps only
+#
+# Each step's limit is its measured or estimated time with room; together
+# they exceed one 600 s device call, so a call names the steps it runs, the
+# new measurements first:
+#   bash benchmarks/gpu_checks.sh gpu_info mfu decoders_in64 decoders
+#   bash benchmarks/gpu_checks.sh torch_compile aot_memory
 set -u
 OUT=${OUT:-gpu_logs}
 mkdir -p "$OUT"
@@ -38,7 +46,7 @@ optax.__version__, jax.devices())"
 }
 
 [ $# -gt 0 ] || set -- gpu_info accelerator_check main_tiny train_throughput \
-  torch_reference torch_compile decoders aot_memory
+  torch_reference torch_compile decoders decoders_in64 mfu aot_memory
 for what in "$@"; do
   case "$what" in
     gpu_info) gpu_info ;;
@@ -61,7 +69,14 @@ for what in "$@"; do
 print(pretrained.workdir("digits", "/tmp/pretrained_digits"))')" \
       --jacobi=7:1e-3,49:1e-3,49:1e-4 --batch_sizes=1,16,256 \
       --num_samples=500 ;;  # the shipped digits run: exact vs Jacobi
-    aot_memory) step aot_memory 120 python3 benchmarks/aot_memory.py --gpu \
+    decoders_in64) step decoders_in64 150 python3 benchmarks/decoders.py \
+      --config=configs/imagenet.py:res=64,size=B \
+      --jacobi=16:1e-3,64:1e-3,256:1e-3 --batch_sizes=1,16,64 \
+      --num_samples=64 ;;  # speed and convergence, random weights
+    mfu) step mfu 200 python3 benchmarks/mfu.py \
+      --config=configs/imagenet.py:res=256,size=1.1B \
+      --config.model.af_blocks=4 --config.batch_size=64 --steps=300 ;;
+    aot_memory) step aot_memory 400 python3 benchmarks/aot_memory.py --gpu \
       --rows="${AOT_ROWS:-1.1B/16@8xH100,1.9B/16@8xH100}" ;;
     *) echo "unknown step $what"; exit 2 ;;
   esac

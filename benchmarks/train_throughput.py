@@ -42,15 +42,6 @@ _SCAN = flags.DEFINE_bool("scan_layers", None,
                           "config.model.scan_layers (default: the config's).")
 
 
-def unrolled_flops(config) -> float:
-  """XLA's FLOP count of the train step with every layer unrolled."""
-  config = config.copy_and_resolve_references()
-  config.model.scan_layers = False
-  step, mesh, _, abstract, batch, _ = bench_lib.train_step_parts(config)
-  with bench_lib.sharding.context(mesh, config):
-    return bench_lib.flops_of(step.lower(abstract, batch))
-
-
 def measure(size: str, batch_size: int, steps: int, warmup: int,
             prior: str = "") -> dict:
   """Compiles and times the train step of one model size."""
@@ -70,7 +61,7 @@ def measure(size: str, batch_size: int, steps: int, warmup: int,
     compiled = lowered.compile()
   # An unrolled step is its own count; a scanned one is lowered again
   # unrolled (its cost analysis sees each loop body once).
-  flops = (unrolled_flops(config) if config.model.scan_layers
+  flops = (bench_lib.unrolled_flops(config) if config.model.scan_layers
            else bench_lib.flops_of(lowered))
   with bench_lib.sharding.context(mesh, config):
     for _ in range(warmup):

@@ -19,6 +19,7 @@ import sys
 from typing import Optional
 
 from absl import flags
+from absl import logging
 import ml_collections
 
 from farmer_jax import config_lib
@@ -26,6 +27,11 @@ from farmer_jax import fileio
 from farmer_jax import inference
 from farmer_jax.models import Farmer
 from farmer_jax.models import jacobi
+
+
+# bfloat16's relative rounding step (2^-8): with bfloat16 activations, a
+# Jacobi tolerance below it is met by luck, not by convergence.
+BF16_RESOLUTION = 2.0 ** -8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +71,15 @@ def jacobi_options(config, **overrides) -> jacobi.JacobiOptions:
   for key, value in overrides.items():
     if value is not None:
       sample[key] = value
-  return jacobi.JacobiOptions(**config_lib.jacobi_plan(sample, config.model))
+  plan = config_lib.jacobi_plan(sample, config.model)
+  if config.model.dtype == "bfloat16" and 0 < plan["tol"] < BF16_RESOLUTION:
+    logging.warning(
+        "jacobi_tol=%g is below the resolution of the model's bfloat16 "
+        "activations (%.2g): rounding alone can keep a chunk's relative "
+        "change above it, so chunks may run to jacobi_max_iters. Use "
+        "--jacobi_tol=1e-2, or float32 activations.", plan["tol"],
+        BF16_RESOLUTION)
+  return jacobi.JacobiOptions(**plan)
 
 
 def jacobi_decoder(run, **overrides):

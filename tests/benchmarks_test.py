@@ -27,6 +27,11 @@ SMALLEST = {
                          "--inverse_batch=2"], ["refS", "refS"]),
     "accelerator_check.py": (["--rows=tiny", "--batch=2",
                               "--inverse_batch=2"], ["tiny"]),
+    # With remat on, so the hardware FLOPs exceed the model FLOPs.
+    "mfu.py": (["--config=configs/imagenet.py:res=64,size=tiny",
+                "--config.model.remat=True", "--config.batch_size=8",
+                "--steps=2", "--warmup=1", "--matmul_n=256"],
+               ["64px p4 AF 2x1x64 AR 2x64"]),
     # The PyTorch reference flow (torch is a test dependency).
     # One thread: torch's two threads stall each other beside the other
     # xdist worker (27 s instead of 7 s).
@@ -34,7 +39,8 @@ SMALLEST = {
                             "--inverse_batch=2", "--inverse_repeats=1",
                             "--threads=1"], ["refS"]),
 }
-TEXT_COLUMNS = ("prior", "step", "mode", "torch version")  # not numbers
+TEXT_COLUMNS = ("prior", "step", "mode", "torch version", "dtype", "remat",
+                "attention")  # not numbers
 # profile_step.py's shares of op time by kind: a kind may take 0%.
 SHARE_COLUMNS = ("attention softmax", "mixture", "layer norm",
                  "mlp activation", "optimizer/EMA", "copies", "scan buffers",
@@ -85,6 +91,8 @@ def test_benchmark_prints_its_table(script, tmp_path_factory):
         assert cell and value is None, (header, row)
       elif header.startswith("max abs"):  # a difference: may be 0 or absent.
         assert value is None or value < 1e-3, row
+      elif header == "measured peak GiB":  # no memory stats on a CPU
+        assert cell == "-", row
       elif header in SHARE_COLUMNS:
         assert value is not None and 0 <= value <= 100, (header, row)
       else:
@@ -93,6 +101,10 @@ def test_benchmark_prints_its_table(script, tmp_path_factory):
     for row in rows:
       shares = [_number(row[k]) for k in ("matmul",) + SHARE_COLUMNS]
       assert 97 <= sum(shares) <= 103 and shares[0] > 0, row
+  if script == "mfu.py":  # remat recomputes: more FLOPs run than modelled
+    for row in rows:
+      assert (_number(row["hardware TFLOP/step"])
+              > _number(row["model TFLOP/step"])), row
   if script == "torch_reference.py":  # the same flow: the same parameters
     for row in rows:
       assert row["params"] == row["farmer_jax params"], row
@@ -123,3 +135,28 @@ def test_decoders_benchmark_compares_decoders_of_a_trained_run(
     for key in ("sample accuracy", "Fréchet distance"):
       value, se = (_number(v.strip()) for v in row[key].split("±"))
       assert value is not None and se is not None and se >= 0, row
+
+
+def test_decoders_benchmark_times_a_config_with_random_weights(
+    tmp_path_factory):
+  """decoders.py --config (no trained run; the GPU script's ImageNet-64
+  shape, here digits:tiny): exact, Jacobi and the untrained student are
+  timed; a Jacobi chunk of all N = 16 tokens converges before 16
+  iterations at the default perturbation, close to the exact inverse;
+  no sample-quality columns without a trained run's classifier."""
+  env = _smoke_env(tmp_path_factory)
+  out = subprocess.run(
+      [sys.executable, os.path.join("benchmarks", "decoders.py"),
+       "--config=configs/digits.py:tiny", "--jacobi=16:1e-3",
+       "--batch_sizes=2", "--num_samples=4", "--repeats=1"],
+      cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "random weights" in out.stdout, out.stdout
+  rows = _table(out.stdout)
+  assert [r["decoder"] for r in rows] == [
+      "exact", "jacobi C=16 tol=0.001", "student"], out.stdout
+  assert "sample accuracy" not in rows[0]
+  jacobi_row = rows[1]
+  assert _number(jacobi_row["max abs error vs exact"]) < 1 / 255, jacobi_row
+  assert 1 <= _number(jacobi_row["iterations/chunk (mean)"]) < 16, jacobi_row
+  assert all(_number(r["images/s @2"]) > 0 for r in rows), rows

@@ -239,6 +239,21 @@ def test_old_run_config_gets_the_exact_decoder_and_jacobi_defaults(tmp_path):
     decoders.jacobi_options(old, chunk=4)
 
 
+def test_a_tolerance_below_bfloat16_resolution_is_warned_of(caplog):
+  """bfloat16 activations round at 2^-8: a tolerance below that mostly
+  runs chunks to their limit, so it is logged; the ImageNet configs (bf16)
+  default above it, the float32 digits config below it without a word."""
+  imagenet = helpers.load_config("imagenet", "res=64,size=tiny")
+  assert imagenet.model.dtype == "bfloat16"
+  for config, tol, warned in ((imagenet, None, False), (imagenet, 1e-3, True),
+                              (_config(), 1e-3, False)):
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+      options = decoders.jacobi_options(config, jacobi_tol=tol)
+    assert options.tol == (tol or 1e-2)
+    assert ("bfloat16" in caplog.text) == warned, (config.model.dtype, tol)
+
+
 # --------------------------------------------------------------- the CLIs ---
 
 
