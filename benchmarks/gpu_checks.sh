@@ -2,7 +2,7 @@
 # The GPU checks behind docs/benchmarks.md (GPU rows): correctness against the
 # CPU, the real program end to end, speed beside the PyTorch reference (eager
 # and torch.compile), the decoders (exact, Jacobi, student) on the shipped
-# digits run and at an ImageNet-64 shape, the FARMER-1.1B-shaped train step's
+# digits run (and its shipped student) and at an ImageNet-64 shape, the FARMER-1.1B-shaped train step's
 # model FLOP utilisation, and the 8xH100 launch rows compiled by the GPU
 # compiler. Run from the repository
 # root on a machine with one NVIDIA GPU, JAX with CUDA, Flax, Optax, Orbax
@@ -15,8 +15,9 @@
 # Each step's limit is its measured or estimated time with room; together
 # they exceed one 600 s device call, so a call names the steps it runs, the
 # new measurements first:
-#   bash benchmarks/gpu_checks.sh gpu_info mfu decoders_in64 decoders
-#   bash benchmarks/gpu_checks.sh torch_compile aot_memory
+#   bash benchmarks/gpu_checks.sh gpu_info mfu decoders_in64      # <= 440 s
+#   bash benchmarks/gpu_checks.sh decoders torch_compile         # <= 320 s
+#   bash benchmarks/gpu_checks.sh aot_memory                     # <= 400 s
 set -u
 OUT=${OUT:-gpu_logs}
 mkdir -p "$OUT"
@@ -67,15 +68,16 @@ for what in "$@"; do
     decoders) step decoders 200 python3 benchmarks/decoders.py \
       --workdir="$(python3 -c 'from farmer_jax import pretrained
 print(pretrained.workdir("digits", "/tmp/pretrained_digits"))')" \
+      --student_workdir=/tmp/pretrained_digits/distill \
       --jacobi=7:1e-3,49:1e-3,49:1e-4 --batch_sizes=1,16,256 \
-      --num_samples=500 ;;  # the shipped digits run: exact vs Jacobi
+      --num_samples=500 ;;  # the shipped digits run and its student
     # Speed and convergence at ImageNet 64 (B: 8 flow blocks of 2 x 768,
     # N = 256, bf16), random weights perturbed by 0.003: on a CPU a
     # 768-wide flow so perturbed converges in 3-4 iterations per chunk at
     # tol 1e-2 (bf16's resolution is 3.9e-3; docs/benchmarks.md).
-    decoders_in64) step decoders_in64 150 python3 benchmarks/decoders.py \
+    decoders_in64) step decoders_in64 240 python3 benchmarks/decoders.py \
       --config=configs/imagenet.py:res=64,size=B --perturb=0.003 \
-      --jacobi=16:1e-2,64:1e-2,256:1e-2,256:4e-3 --batch_sizes=1,16,64 \
+      --jacobi=16:1e-2,256:1e-2,256:4e-3 --batch_sizes=1,16 \
       --num_samples=64 ;;
     mfu) step mfu 200 python3 benchmarks/mfu.py \
       --config=configs/imagenet.py:res=256,size=1.1B \

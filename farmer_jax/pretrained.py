@@ -4,7 +4,9 @@ A pretrained run is a small workdir inside the package
 (`farmer_jax/assets/pretrained/<name>/`): the run's `config.json`, one Orbax
 checkpoint step holding only the EMA parameters and the model config, the
 sample-quality classifier's cache (`classifier/`, so `evaluate` does not
-retrain it) and `pretrained.json` (where it came from and what it
+retrain it), its distilled one-step student where one was exported
+(`distill/`, the student's EMA parameters: `--decoder=student` reads it
+there by default) and `pretrained.json` (where it came from and what it
 measured). No optimizer state and no data iterator: it can be sampled,
 evaluated and scored, not resumed.
 
@@ -20,7 +22,10 @@ Regenerate the shipped digits run from README's first command:
 
   python -m farmer_jax.main --config=configs/digits.py --workdir=workdirs/digits
   python -m farmer_jax.evaluate --workdir=workdirs/digits --sweep --num_samples=500
-  python -m farmer_jax.pretrained --export=digits --workdir=workdirs/digits
+  python -m farmer_jax.main --config=configs/digits_distill.py \
+      --workdir=workdirs/digits_student
+  python -m farmer_jax.pretrained --export=digits --workdir=workdirs/digits \
+      --student_workdir=workdirs/digits_student
 """
 import hashlib
 import os
@@ -43,6 +48,9 @@ _PACKAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                             "assets", "pretrained")
 # What an export copies from the source workdir besides the parameters.
 _CLASSIFIER_DIR = "classifier"
+# Where an export writes the student: `decoders.make_decoder`'s default
+# student workdir, `<workdir>/distill`.
+STUDENT_DIR = "distill"
 
 
 def packaged_dir(name: str) -> str:
@@ -149,12 +157,14 @@ def define_workdir_flags() -> None:
       "~/.cache/farmer_jax/pretrained/NAME without it.")
 
 
-def export(workdir_path: str, out: str, step: Optional[int] = None) -> dict:
+def export(workdir_path: str, out: str, step: Optional[int] = None,
+           student_workdir: Optional[str] = None) -> dict:
   """Writes the EMA parameters of a run as a pretrained run folder `out`.
 
   Copies `config.json`, the classifier cache (if the run has one) and the
   latest evaluation's JSON (`eval/<step>.json`, if any) into
-  `pretrained.json`.
+  `pretrained.json`; with `student_workdir` (the run's distillation), the
+  student's latest EMA parameters into `out/distill`.
 
   Returns:
     The `pretrained.json` written.
@@ -176,9 +186,27 @@ def export(workdir_path: str, out: str, step: Optional[int] = None) -> dict:
       source_workdir=str(workdir_path),
       evaluation=(fileio.read_json(evaluation) if evaluation.exists()
                   else None))
+  if student_workdir:
+    info["student"] = _export_student(run, student_workdir,
+                                      str(fileio.path(out) / STUDENT_DIR))
   fileio.write_json(fileio.path(out) / INFO_FILE, info)
   info["bytes"] = sum(fileio.size(fileio.path(out) / f) for f in _files(out))
   return info
+
+
+def _export_student(run, student_workdir: str, out: str) -> dict:
+  """The latest EMA parameters of `run`'s student into `out`; its record."""
+  ckpt = checkpointing.Checkpointer(student_workdir, run.config,
+                                    read_only=True)
+  try:
+    step = ckpt.latest_step()
+  finally:
+    ckpt.close()
+  _, params = inference.load_student(run.config, student_workdir, step,
+                                     mesh=run.mesh)
+  checkpointing.save_params(out, step, params, run.config)
+  return dict(step=int(step), source_workdir=str(student_workdir),
+              num_params=int(sum(x.size for x in jax.tree.leaves(params))))
 
 
 def main(argv) -> None:
@@ -188,9 +216,12 @@ def main(argv) -> None:
   if fileio.path(out).exists():
     raise app.UsageError(f"{out} exists: remove it first (git rm -r, or rm "
                          "-r for a scratch folder).")
-  info = export(FLAGS.workdir, out, FLAGS.step)
+  info = export(FLAGS.workdir, out, FLAGS.step, FLAGS.student_workdir)
+  student = (f" and its student (step {info['student']['step']}, "
+             f"{info['student']['num_params']:,} parameters)"
+             if "student" in info else "")
   print(f"Wrote {out}: step {info['step']}, {info['num_params']:,} "
-        f"parameters, {info['bytes']:,} bytes.")
+        f"parameters{student}, {info['bytes']:,} bytes.")
 
 
 FLAGS = flags.FLAGS
@@ -199,6 +230,8 @@ if __name__ == "__main__":
   flags.DEFINE_string("export", None, "Name of the pretrained run to write.")
   flags.DEFINE_string("workdir", None, "The training run to export.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+  flags.DEFINE_string("student_workdir", None, "The run's distillation "
+                      "(configs/*_distill.py): its student ships too.")
   flags.DEFINE_string("out", None, "Output folder (default: the package's "
                       "farmer_jax/assets/pretrained/<export>).")
   flags.mark_flags_as_required(["export", "workdir"])
