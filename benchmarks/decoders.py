@@ -5,7 +5,7 @@ decodes one set of sampled latents with every decoder:
 
 * exact: `Farmer.decode`, sequential over tokens (KV-cached `nn.scan`);
 * jacobi C:tol: the block-wise Jacobi inverse (`models/jacobi.py`) for each
-  `--jacobi` setting (chunk `C`, 0 = one row of patches; tolerance `tol`;
+  `--jacobi` setting (chunk `C`, 0 = the whole sequence; tolerance `tol`;
   the other Jacobi keys from the run's `config.sample`);
 * student: the one-step student (`farmer_jax.distill`), if given.
 
@@ -27,7 +27,7 @@ one markdown table:
   first use and cached in the workdir); skipped for configs without one.
 
   python benchmarks/decoders.py --workdir=workdirs/digits \
-      --jacobi=0:1e-3,0:1e-4,49:1e-3 --batch_sizes=1,16,256 --num_samples=500
+      --jacobi=7:1e-3,0:1e-3,0:1e-4 --batch_sizes=1,16,256 --num_samples=500
 
 With `--config` instead of `--workdir` (a model config, e.g.
 `configs/imagenet.py:res=64,size=B`: an accelerator's ImageNet-64 shape),
@@ -73,7 +73,7 @@ _PERTURB = flags.DEFINE_float("perturb", 0.01, "--config: the standard "
 _STUDENT = flags.DEFINE_string("student_workdir", None, "Its distillation "
                                "run (optional).")
 _JACOBI = flags.DEFINE_list("jacobi", ["0:1e-3"], "Jacobi settings, "
-                            "chunk:tol pairs (chunk 0: one patch row).")
+                            "chunk:tol pairs (chunk 0: the whole sequence).")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "16", "256"],
                                  "Batch sizes to time.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 500, "Latents for the "

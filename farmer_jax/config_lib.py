@@ -72,8 +72,8 @@ ADDED_KEYS = {
                    r_num_uncond_candidates=(
                        lambda sample: sample["num_uncond_candidates"]),
                    r_var_scale=1.0,
-                   # The exact inverse; the Jacobi decoder's defaults (0: one
-                   # row of patches per chunk, at most chunk iterations).
+                   # The exact inverse; the Jacobi decoder's defaults (0: the
+                   # whole sequence as one chunk, at most chunk iterations).
                    decoder="exact", jacobi_chunk=0, jacobi_tol=1e-3,
                    jacobi_max_iters=0, jacobi_block_chunks=(),
                    jacobi_block_max_iters=()),
@@ -372,12 +372,12 @@ def check_jacobi(sample, model) -> None:
   def check_chunk(what, value, zero_ok=False):
     _require(_is_int(value) and (value >= 1 or zero_ok and value == 0),
              f"{what}: a chunk size must be an integer >= 1"
-             + (" (0: one row of patches)" if zero_ok else "") + ".")
+             + (" (0: the whole sequence)" if zero_ok else "") + ".")
     _require(value == 0 or n % value == 0,
              f"{what}: chunk {value} does not divide the N = {n} tokens of a "
              f"flow block ((image_size // patch_size)**2); pick one of "
-             f"{chunks}" + (f", or 0 (one row of patches, {row})"
-                            if zero_ok else "") + ".")
+             f"{chunks}" + (f", or 0 (the whole sequence, {n}); one row of "
+                            f"patches is {row}" if zero_ok else "") + ".")
 
   def check_iters(what, value):
     _require(_is_int(value) and value >= 0,
@@ -402,7 +402,7 @@ def check_jacobi(sample, model) -> None:
 def jacobi_plan(sample, model) -> dict:
   """`config.sample`'s Jacobi keys resolved per flow block, after checking.
 
-  `jacobi_chunk = 0` is one row of patches (`image_size // patch_size`
+  `jacobi_chunk = 0` is the whole sequence (`(image_size // patch_size)**2`
   tokens); `jacobi_block_chunks` / `jacobi_block_max_iters` replace the
   chunk / limit of the blocks they name; a limit of 0, or above the chunk,
   is the chunk size (that many iterations are exact).
@@ -412,7 +412,7 @@ def jacobi_plan(sample, model) -> dict:
     nearest the data): the fields of `models.jacobi.JacobiOptions`.
   """
   check_jacobi(sample, model)
-  chunk = sample.jacobi_chunk or model.image_size // model.patch_size
+  chunk = sample.jacobi_chunk or (model.image_size // model.patch_size) ** 2
   block_chunks = _block_overrides(sample, "jacobi_block_chunks",
                                   model.af_blocks, lambda *_: None)
   block_iters = _block_overrides(sample, "jacobi_block_max_iters",

@@ -159,7 +159,7 @@ def define_flags() -> None:
   flags.DEFINE_string("student_workdir", None, "The distillation run's "
                       "--workdir (default: <workdir>/distill).", **main)
   flags.DEFINE_integer("jacobi_chunk", None, "Jacobi: tokens per chunk, a "
-                       "divisor of N (0: one row of patches). Default: "
+                       "divisor of N (0: the whole sequence). Default: "
                        "config.sample.jacobi_chunk.", **main)
   flags.DEFINE_float("jacobi_tol", None, "Jacobi: a chunk stops when its "
                      "relative change is below this. Default: "

@@ -119,7 +119,7 @@ def test_decoders_benchmark_compares_decoders_of_a_trained_run(
   env = _smoke_env(tmp_path_factory)
   out = subprocess.run(
       [sys.executable, os.path.join("benchmarks", "decoders.py"),
-       f"--workdir={trained_workdir}", "--jacobi=0:1e-3,16:1e-3",
+       f"--workdir={trained_workdir}", "--jacobi=4:1e-3,0:1e-3",
        "--batch_sizes=2", "--num_samples=8", "--repeats=1", "--bootstrap=2"],
       cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]

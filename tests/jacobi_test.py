@@ -95,18 +95,19 @@ def test_chunk_many_iterations_reproduce_the_sequential_inverse(chunk):
     assert np.abs(short - exact).max() > 1e-2
 
 
-# Pure Jacobi (one chunk of N = 16) at the configs' default jacobi_tol 1e-3,
-# measured on this model and these 8 images: max |error| 7.6e-4 after a
-# mean 8.5 / 7.25 iterations (blocks 0 / 1; at most 10 / 9) of 16. The bound
-# leaves a factor 4 and is half a uint8 level (1/255). With the default
-# chunk (one patch row, 4 tokens) this random model needs all 4 iterations;
-# the trained digits model (workdirs/digits, 2,400 steps) needs ~3 of 7.
+# Pure Jacobi (one chunk of N = 16, the configs' default) at the configs'
+# default jacobi_tol 1e-3, measured on this model and these 8 images: max
+# |error| 7.6e-4 after a mean 8.5 / 7.25 iterations (blocks 0 / 1; at most
+# 10 / 9) of 16. The bound leaves a factor 4 and is half a uint8 level
+# (1/255). With one patch row per chunk (4 tokens) this random model needs
+# all 4 iterations; the trained digits model (workdirs/digits, 2,400 steps)
+# needs ~4 of 49 in one chunk and ~3 of 7 per row.
 DEFAULT_TOL_BOUND = 1 / 255
 
 
 def _pure_jacobi_config():
   config = _config()
-  config.sample.jacobi_chunk = N
+  assert config.sample.jacobi_chunk == 0  # the default: all N tokens
   return config
 
 
@@ -223,7 +224,7 @@ def test_bad_jacobi_settings_name_the_key(overrides, message):
 
 def test_old_run_config_gets_the_exact_decoder_and_jacobi_defaults(tmp_path):
   """A config.json from before these keys restores: 'exact', and Jacobi
-  options from the defaults (one patch row per chunk)."""
+  options from the defaults (the whole sequence as one chunk)."""
   config = _config()
   checkpointing.save_config(config, str(tmp_path))
   path = tmp_path / checkpointing.CONFIG_FILE
@@ -234,7 +235,7 @@ def test_old_run_config_gets_the_exact_decoder_and_jacobi_defaults(tmp_path):
   old = checkpointing.load_config(str(tmp_path))
   assert old.sample.decoder == "exact"
   options = decoders.jacobi_options(old, jacobi_tol=1e-4)
-  assert options == jacobi.JacobiOptions((4, 4), (4, 4), 1e-4)
+  assert options == jacobi.JacobiOptions((N, N), (N, N), 1e-4)
   with pytest.raises(config_lib.ConfigError, match="Unknown Jacobi"):
     decoders.jacobi_options(old, chunk=4)
 
