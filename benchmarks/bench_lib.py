@@ -129,8 +129,8 @@ def train_step_parts(config, device=None):
 
 
 def perturbed_params(model, scale: float, seed: int = 0):
-  """`model`'s initial variables with N(0, scale^2) noise added to every
-  parameter, on the host: the flow's heads start at zero (the identity),
+  """`model`'s initial parameters with N(0, scale^2) noise added to each,
+  on the host: the flow's heads start at zero (the identity),
   so an untrained model inverts nothing interesting without it."""
   s, c = model.config.image_size, model.config.channels
   with jax.default_device(jax.devices("cpu")[0]):

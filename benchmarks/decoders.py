@@ -39,7 +39,8 @@ speed and Jacobi convergence at the shape, not sample quality (no quality
 columns):
 
   python benchmarks/decoders.py --config=configs/imagenet.py:res=64,size=B \
-      --jacobi=16:1e-3,256:1e-3 --batch_sizes=1,16 --num_samples=64
+      --perturb=0.003 --jacobi=16:1e-2,0:1e-2 --batch_sizes=1,16 \
+      --num_samples=64
 """
 import functools
 import math
@@ -115,7 +116,7 @@ def _decoders(run):
         jax.jit(fn), variables)
   if _STUDENT.value:
     student_fn, params = inference.load_decoder(_STUDENT.value, run)
-  elif not run.workdir:  # random weights: the student distillation starts as
+  elif not run.workdir:  # random weights: the student as distillation starts
     student_fn = functools.partial(inference.student_decode,
                                    inference.create_student(run.config.model))
     params = run.variables["params"]["flow"]
