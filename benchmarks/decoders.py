@@ -7,7 +7,11 @@ decodes one set of sampled latents with every decoder:
 * jacobi C:tol: the block-wise Jacobi inverse (`models/jacobi.py`) for each
   `--jacobi` setting (chunk `C`, 0 = the whole sequence; tolerance `tol`;
   the other Jacobi keys from the run's `config.sample`);
-* student: the one-step student (`farmer_jax.distill`), if given.
+* student: the one-step student (`farmer_jax.distill`), if given;
+* a last row, for reference, times the flow's forward pass
+  (`Farmer.encode` of the exact decodes): one parallel pass of the flow,
+  what the student costs too (same blocks, bidirectional attention), so
+  the bound on any one-pass decoder of this flow.
 
 The latents are `--num_samples` draws of the AR prior (the run's
 `config.sample` options, `--cfg_scale` etc. override them; labels cycle over
@@ -93,6 +97,9 @@ flags.register_multi_flags_validator(
     "--config (random weights).")
 inference.define_restore_flags()  # --mesh, --matmul_precision
 inference.define_sampling_flags()  # --cfg_scale, --num_candidates, ...
+
+
+FORWARD_ROW = "flow forward (one parallel pass, reference)"
 
 
 def _decoders(run):
@@ -183,7 +190,8 @@ def _decode_all(run, fn, variables, z, labels, batch: int):
 
 def _images_per_s(run, fn, variables, z, labels, b: int) -> float:
   reps = -(-b // len(z))
-  zb = jax.device_put(np.tile(z, (reps, 1, 1))[:b], run.batch_sharding)
+  zb = jax.device_put(np.tile(z, (reps,) + (1,) * (z.ndim - 1))[:b],
+                      run.batch_sharding)
   lb = jax.device_put(np.tile(labels, reps)[:b], run.batch_sharding)
   with sharding.context(run.mesh, run.config):
     jax.block_until_ready(fn(variables, zb, lb))  # compile
@@ -259,6 +267,13 @@ def main(argv) -> None:
                                         np.random.default_rng(0))
       row += [_pm(acc, se_acc), _pm(fd, se_fd)]
     rows.append(row)
+  encode = jax.jit(lambda v, x, l: run.model.apply(
+      v, x, l, method=Farmer.encode)[0])
+  speeds = [_images_per_s(run, encode, run.variables,
+                          exact_x.astype(np.float32), l_eval, b)
+            for b in batch_sizes]
+  rows.append([FORWARD_ROW] + speeds + [speeds[-1] / exact_speed[-1]]
+              + [""] * (len(rows[0]) - len(speeds) - 2))
   header = (["decoder"] + [f"images/s @{b}" for b in batch_sizes]
             + [f"speed-up @{batch_sizes[-1]}", "RMS error vs exact",
                "max abs error vs exact", "iterations/chunk (mean)",
