@@ -166,7 +166,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # jacobi_max_iters times (0: the chunk size, which is exact).
   # 0: the whole sequence in one chunk (pure Jacobi). On the default run it
   # converges in ~4 passes per block whatever the chunk, so one chunk of 49
-  # is 2.0-3.0x a row of 7 at batch 1 (docs/benchmarks.md, decoders).
+  # is 2.0-3.3x a row of 7 at batch 1 (docs/benchmarks.md, decoders).
   config.sample.jacobi_chunk = 0  # divides N; 0: the whole sequence.
   config.sample.jacobi_tol = 1e-3
   config.sample.jacobi_max_iters = 0
