@@ -349,9 +349,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Jacobi: chunks of jacobi_chunk tokens in turn, each chunk's tokens updated
   # together until their relative change < jacobi_tol, at most
   # jacobi_max_iters times (0: the chunk size, which is exact).
-  # 0: the whole sequence in one chunk (pure Jacobi); measured at N = 256
-  # only (res 64, random weights: 3-4 passes per block), not at patch 8's
-  # N = 1024 (jacobi_block_chunks can split the slow blocks).
+  # 0: the whole sequence in one chunk (pure Jacobi). With random weights
+  # (docs/benchmarks.md, decoders) it converges in 3-4 passes per block at
+  # N = 256 and 1024, and is faster than a row of patches per chunk (one
+  # image on a CPU, N = 1024: 5.7x the exact inverse against 2.8x);
+  # jacobi_block_chunks can split the blocks a trained model finds slow.
   config.sample.jacobi_chunk = 0  # divides N; 0: the whole sequence.
   # bf16 activations round at 2^-8 (3.9e-3) relative: a tolerance below that
   # is rarely met, and every chunk runs to its limit (a 768-wide flow with
