@@ -2,9 +2,9 @@
 # The GPU checks behind docs/benchmarks.md (GPU rows): correctness against the
 # CPU, the real program end to end, speed beside the PyTorch reference (eager
 # and torch.compile), the decoders (exact, Jacobi, student) on the shipped
-# digits run (and its shipped student) and at an ImageNet-64 shape, the FARMER-1.1B-shaped train step's
-# model FLOP utilisation, and the 8xH100 launch rows compiled by the GPU
-# compiler. Run from the repository
+# digits run and at an ImageNet-64 shape, the FARMER-1.1B-shaped train
+# step's model FLOP utilisation, and the 8xH100 launch rows compiled by the
+# GPU compiler. Run from the repository
 # root on a machine with one NVIDIA GPU, JAX with CUDA, Flax, Optax, Orbax
 # and PyTorch installed; grain, ml_collections and clu may come as wheels in
 # .whl/ (installed to /tmp/site). Logs go to $OUT (default: gpu_logs/).

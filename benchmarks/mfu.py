@@ -45,6 +45,7 @@ from ml_collections import config_flags
 
 import bench_lib
 from farmer_jax import config_lib
+from farmer_jax.models import layers
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/imagenet.py:res=256,size=1.1B",
@@ -133,7 +134,8 @@ def main(argv):
   stats = device.memory_stats() or {}
   measured = stats.get("peak_bytes_in_use")
   model_flops = bench_lib.unrolled_flops(config, remat=False)
-  hardware_flops = (bench_lib.unrolled_flops(config) if config.model.remat
+  hardware_flops = (bench_lib.unrolled_flops(config)
+                    if layers.remat_policy(config.model.remat)
                     else model_flops)
   m = config.model
   if _STEPS.value:

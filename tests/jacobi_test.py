@@ -241,8 +241,8 @@ def test_old_run_config_gets_the_exact_decoder_and_jacobi_defaults(tmp_path):
 
 
 def test_a_tolerance_below_bfloat16_resolution_is_warned_of(caplog):
-  """bfloat16 activations round at 2^-8: a tolerance below that mostly
-  runs chunks to their limit, so it is logged; the ImageNet configs (bf16)
+  """bfloat16 activations round at 2^-8: a tolerance below that keeps
+  chunks iterating long after they converge, so it is logged; the ImageNet configs (bf16)
   default above it, the float32 digits config below it without a word."""
   imagenet = helpers.load_config("imagenet", "res=64,size=tiny")
   assert imagenet.model.dtype == "bfloat16"
